@@ -1,0 +1,51 @@
+"""Token Probability Deviation (TPD).
+
+Zhang, Choi, Li, Wei, "Detecting Distillation Data from Reasoning Models",
+arXiv:2510.04850 (v3, 2026; called TBD in v1/v2). Authors' code:
+github.com/JaydencoolCC/TBD.
+
+    p_t   = probability of the t-th greedily generated token (softmax of raw logits)
+    K     = { t < M : p_t < tau }                 (first M tokens only)
+    TPD   = mean_{t in K} (tau - p_t) ** alpha    (0 when K is empty)
+
+Defaults tau = 1.0, alpha = 0.6, M = 300. The mean is over the kept tokens, not over M.
+Lower TPD = the model was more certain = more likely a member.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distill_detect.errors import ConfigError
+
+
+def check_tpd_params(*, tau: float, alpha: float, max_tokens: int) -> None:
+    """Raise ConfigError naming the parameter when a value is outside TPD's domain."""
+    if not (0.0 < float(tau) <= 1.0):
+        raise ConfigError(f"TPD tau must be in (0, 1], got {tau!r} (the paper uses 1.0)")
+    if not float(alpha) > 0.0 or not np.isfinite(float(alpha)):
+        raise ConfigError(f"TPD alpha must be a positive number, got {alpha!r} (the paper uses 0.6)")
+    if int(max_tokens) != max_tokens or int(max_tokens) < 1:
+        raise ConfigError(f"TPD max_tokens (M) must be an integer >= 1, got {max_tokens!r} (the paper uses 300)")
+
+
+def tpd_score(logprobs, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 300) -> float:
+    """TPD of one generation from its emitted-token log-probabilities.
+
+    >>> import numpy as np
+    >>> round(tpd_score(np.log([1.0, 0.5, 0.75]), tau=1.0, alpha=1.0), 6)  # mean(0.5, 0.25)
+    0.375
+    >>> tpd_score(np.log([1.0, 1.0]))  # nothing below tau: defined as 0
+    0.0
+    """
+    check_tpd_params(tau=tau, alpha=alpha, max_tokens=max_tokens)
+    # float64 for the arithmetic: exp of float32 log-probs near 0 keeps its precision here.
+    p = np.exp(np.asarray(logprobs, dtype=np.float64)[: int(max_tokens)])
+    kept = p[p < tau]
+    if kept.size == 0:
+        return 0.0
+    return float(np.mean((tau - kept) ** alpha))
+
+
+def tpd(trace, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 300) -> float:
+    return tpd_score(trace.output_logprobs, tau=tau, alpha=alpha, max_tokens=max_tokens)

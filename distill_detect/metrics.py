@@ -1,0 +1,135 @@
+"""Membership metrics over per-question scores, in sklearn's names and conventions.
+
+Convention: every function here takes ``y_true`` (1 = member, 0 = non-member) and
+``y_score`` where HIGHER = MORE LIKELY A MEMBER. ``membership_score`` is the single
+place where a detector's raw direction is turned into that convention; TPD, whose
+low values mean "member", is negated there and nowhere else.
+
+TPR at a fixed FPR has two readings (PAPER.md):
+
+* ``tpr_at_fpr(..., reading="paper")``: the authors' code calls ``roc_curve`` with its
+  defaults (``drop_intermediate=True``) and takes the TPR at the first returned point
+  whose FPR is >= the target. With 200 non-members that point can sit above 1% FPR.
+* ``tpr_at_fpr(..., reading="strict")``: the largest TPR among all ROC points whose FPR
+  is <= the target (a threshold that really keeps the FPR at or below it).
+
+Degenerate input (one class only) gives NaN with a ``UndefinedMetricWarning``-style
+warning, as sklearn does, instead of an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+
+class OneClassWarning(UserWarning):
+    """Only members or only non-members: ROC metrics are undefined (NaN)."""
+
+
+def membership_score(detector, raw) -> np.ndarray:
+    """Orient a detector's raw scores so that higher = member (the only sign flip in the package)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    return raw if detector.higher_is_member else -raw
+
+
+def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray, bool]:
+    y_true = np.asarray(y_true).astype(int).reshape(-1)
+    y_score = np.asarray(y_score, dtype=np.float64).reshape(-1)
+    if y_true.shape != y_score.shape:
+        raise ValueError(f"y_true has {y_true.size} entries but y_score has {y_score.size}")
+    if not np.isin(y_true, (0, 1)).all():
+        raise ValueError("y_true must contain only 0 (non-member) and 1 (member)")
+    if not np.isfinite(y_score).all():
+        raise ValueError(f"y_score has {int((~np.isfinite(y_score)).sum())} non-finite values")
+    ok = 0 < y_true.sum() < y_true.size
+    if not ok:
+        warnings.warn(
+            "only one class present in y_true (need members and non-members); ROC metrics are NaN",
+            OneClassWarning,
+            stacklevel=3,
+        )
+    return y_true, y_score, ok
+
+
+def roc_auc(y_true, y_score) -> float:
+    """Area under the ROC curve; NaN with a warning when only one class is present.
+
+    >>> roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    0.75
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y_true, y_score, ok = _check(y_true, y_score)
+    return float(roc_auc_score(y_true, y_score)) if ok else math.nan
+
+
+def tpr_at_fpr(y_true, y_score, *, fpr: float = 0.01, reading: str = "strict") -> float:
+    """True-positive rate at a target false-positive rate (see the module docstring for the readings).
+
+    >>> y, s = [0, 0, 0, 0, 1, 1, 1, 1], [0.1, 0.2, 0.3, 0.9, 0.4, 0.5, 0.6, 0.95]
+    >>> tpr_at_fpr(y, s, fpr=0.25, reading="strict"), tpr_at_fpr(y, s, fpr=0.01, reading="paper")
+    (1.0, 0.25)
+    """
+    from sklearn.metrics import roc_curve
+
+    if reading not in ("strict", "paper"):
+        raise ValueError(f"reading must be 'strict' or 'paper', got {reading!r}")
+    y_true, y_score, ok = _check(y_true, y_score)
+    if not ok:
+        return math.nan
+    if reading == "paper":
+        f, t, _ = roc_curve(y_true, y_score)  # sklearn defaults, as the authors' code
+        idx = np.flatnonzero(f >= fpr)
+        return float(t[idx[0]])
+    f, t, _ = roc_curve(y_true, y_score, drop_intermediate=False)
+    return float(t[f <= fpr].max())
+
+
+def bootstrap_auc_ci(y_true, y_score, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0):
+    """Percentile bootstrap interval for the AUC, resampling members and non-members separately.
+
+    Stratified resampling keeps both classes in every resample, so no resample is
+    degenerate. Returns (low, high); (nan, nan) when only one class is present.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y_true, y_score, ok = _check(y_true, y_score)
+    if not ok:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    pos, neg = y_score[y_true == 1], y_score[y_true == 0]
+    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    aucs = np.empty(n_resamples)
+    for i in range(n_resamples):
+        s = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        aucs[i] = roc_auc_score(labels, s)
+    a = (1 - confidence) / 2
+    lo, hi = np.quantile(aucs, [a, 1 - a])
+    return (float(lo), float(hi))
+
+
+def summarize(y_true, y_score, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """The metrics block written to metrics.json for one method (y_score: higher = member)."""
+    y = np.asarray(y_true).astype(int)
+    with warnings.catch_warnings():
+        # Warn once per method (below), not once per metric.
+        warnings.simplefilter("ignore", OneClassWarning)
+        out = {
+            "auc": roc_auc(y, y_score),
+            "auc_ci": list(bootstrap_auc_ci(y, y_score, n_resamples=n_resamples, seed=seed)),
+            "tpr_at_1pct_fpr": tpr_at_fpr(y, y_score, fpr=0.01, reading="paper"),
+            "tpr_at_1pct_fpr_strict": tpr_at_fpr(y, y_score, fpr=0.01, reading="strict"),
+            "tpr_at_5pct_fpr": tpr_at_fpr(y, y_score, fpr=0.05, reading="strict"),
+            "n_members": int((y == 1).sum()),
+            "n_nonmembers": int((y == 0).sum()),
+        }
+    if out["n_members"] == 0 or out["n_nonmembers"] == 0:
+        warnings.warn(
+            f"{out['n_members']} members and {out['n_nonmembers']} non-members: AUC and TPR are NaN",
+            OneClassWarning,
+            stacklevel=2,
+        )
+    return out
