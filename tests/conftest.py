@@ -39,7 +39,7 @@ def build_tiny_checkpoint(path, tokenizer_dir, *, seed: int = 0, layers: int = 2
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
-        initializer_range=0.3,  # wide init: varied greedy tokens with clear margins,
+        initializer_range=0.3,  # wide init: varied greedy tokens with clear margins
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
