@@ -1,0 +1,178 @@
+"""What a detector may read from a trace, where each field comes from, and shared parameter checks.
+
+A detector names what it reads in ``Detector.needs`` with the words below. When a trace
+lacks one, the detector raises ``DistillDetectError`` with a message that names the
+missing field and the step that produces it; it never returns NaN.
+
+Need words:
+
+* ``output_logprobs``: log p of each generated token (every backend's ``generate``).
+* ``output_stats``: ``output_mean_logp`` and ``output_std_logp`` (full-vocabulary statistics per step).
+* ``prompt_logprobs``: ``prompt_logprobs`` of the question tokens (teacher-forced).
+* ``prompt_stats``: ``prompt_mean_logp`` and ``prompt_std_logp``.
+* ``question``: the question text.
+* ``extra:<key>``: an array that a later model pass puts in ``Trace.extra`` (``distill_detect.passes``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from distill_detect.errors import ConfigError, DistillDetectError
+
+_API = "API backends (OpenAI-compatible chat endpoints) return at most the top-20 log-probabilities of generated tokens"
+
+NEED_FIELDS: dict[str, tuple[str, ...]] = {
+    "output_logprobs": ("output_logprobs",),
+    "output_stats": ("output_mean_logp", "output_std_logp"),
+    "prompt_logprobs": ("prompt_logprobs",),
+    "prompt_stats": ("prompt_mean_logp", "prompt_std_logp"),
+    "question": ("question",),
+}
+"""Need word -> the ``Trace`` attributes it stands for."""
+
+NEED_SOURCES: dict[str, str] = {
+    "output_logprobs": "generated-token log-probabilities, recorded by every backend's generate()",
+    "output_stats": (
+        "per-step mean and standard deviation of log p over the whole vocabulary, recorded during generation by "
+        f"backends that see full logits (hf); {_API} and cannot provide them"
+    ),
+    "prompt_logprobs": (
+        "prompt log-probabilities of the question tokens, recorded during generation when GenConfig.prompt_logprobs "
+        f"is true or by Backend.score_prompts (hf); {_API}, no prompt log-probabilities, so they cannot provide them"
+    ),
+    "prompt_stats": (
+        "per-position mean and standard deviation of log p over the vocabulary at the question tokens, recorded with "
+        f"the prompt log-probabilities (hf); {_API} and cannot provide them"
+    ),
+    "question": "the question text, which the store keeps with every trace",
+    "extra:lowercase_prompt_logprobs": (
+        "log-probabilities of the lowercased question, produced by distill_detect.passes.lowercase_pass "
+        "(a second teacher-forced pass of the same model)"
+    ),
+    "extra:reference_prompt_logprobs": (
+        "the reference (pre-distillation base) model's log-probabilities of the question tokens, produced by "
+        "distill_detect.passes.reference_pass with a reference model that shares the student's tokenizer"
+    ),
+    "extra:reference_output_logprobs": (
+        "the reference (pre-distillation base) model's log-probabilities of the student's generated tokens, "
+        "produced by distill_detect.passes.reference_pass with a reference model that shares the student's tokenizer"
+    ),
+    "extra:dcpdd_token_freq": (
+        "corpus frequencies of the question tokens, produced by distill_detect.passes.dcpdd_freq_pass from a "
+        "token-frequency table (distill_detect.passes.build_token_freq_table)"
+    ),
+}
+"""Need word -> what produces it (used in error messages)."""
+
+
+def source_of(need: str) -> str:
+    if need in NEED_SOURCES:
+        return NEED_SOURCES[need]
+    if need.startswith("extra:"):
+        return f"an array stored as Trace.extra[{need[6:]!r}] by a model pass (distill_detect.passes)"
+    return f"the trace field {need!r}"
+
+
+def missing_needs(needs, trace) -> list[str]:
+    """The need words in ``needs`` that ``trace`` does not satisfy, sorted."""
+    out = []
+    for need in sorted(needs):
+        if need.startswith("extra:"):
+            extra = trace.extra or {}
+            ok = extra.get(need[6:]) is not None
+        else:
+            try:
+                attrs = NEED_FIELDS[need]
+            except KeyError:
+                raise ValueError(f"unknown need {need!r}; known: {', '.join(sorted(NEED_FIELDS))}, extra:<key>") from None
+            ok = all(getattr(trace, a, None) is not None for a in attrs)
+        if not ok:
+            out.append(need)
+    return out
+
+
+def missing_message(method: str, need: str, trace_id) -> str:
+    what = need[6:] if need.startswith("extra:") else "/".join(NEED_FIELDS.get(need, (need,)))
+    where = f"Trace.extra[{what!r}]" if need.startswith("extra:") else what
+    return f"method {method!r} needs {where}, which trace {trace_id!r} lacks: it is {source_of(need)}"
+
+
+def need_array(trace, need: str, method: str, attr: str | None = None, *, allow_empty: bool = False) -> np.ndarray:
+    """Return one array a detector reads, as float64, or raise a message naming it and its source.
+
+    ``need`` is the need word; ``attr`` the attribute within it (default: the need's first field
+    or, for ``extra:<key>``, that key). An empty array raises unless ``allow_empty``.
+    """
+    if need.startswith("extra:"):
+        key = attr or need[6:]
+        value = (trace.extra or {}).get(key)
+        label = f"Trace.extra[{key!r}]"
+    else:
+        key = attr or NEED_FIELDS[need][0]
+        value = getattr(trace, key, None)
+        label = key
+    if value is None:
+        raise DistillDetectError(missing_message(method, need, trace.id))
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size == 0 and not allow_empty:
+        hint = (
+            "the chat template may have rewritten the question so its tokens could not be located"
+            if "prompt" in key
+            else "nothing was generated"
+        )
+        raise DistillDetectError(f"method {method!r}: {label} of trace {trace.id!r} is empty ({hint}); it has no score")
+    return arr
+
+
+def same_length(a: np.ndarray, b: np.ndarray, *, method: str, names: tuple[str, str], trace_id) -> None:
+    """Raise when two arrays that must be aligned token by token have different lengths."""
+    if a.shape != b.shape:
+        raise DistillDetectError(
+            f"method {method!r}: trace {trace_id!r} has {a.size} {names[0]} but {b.size} {names[1]}; they must be "
+            "aligned token by token (was the extra pass run with a different tokenizer or on older traces?)"
+        )
+
+
+def check_k(k, method: str) -> float:
+    """k is the fraction of tokens Min-K% keeps: a number in (0, 1]."""
+    try:
+        kf = float(k)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{method} k must be a fraction in (0, 1], got {k!r} (the paper uses 0.2)") from None
+    if not (0.0 < kf <= 1.0) or isinstance(k, bool):
+        raise ConfigError(f"{method} k must be a fraction in (0, 1], got {k!r} (the paper uses 0.2)")
+    return kf
+
+
+def check_max_tokens(max_tokens, method: str, default: int) -> int:
+    """The number of generated tokens read: an integer >= 1."""
+    ok = not isinstance(max_tokens, bool)
+    try:
+        ok = ok and int(max_tokens) == max_tokens and int(max_tokens) >= 1
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{method} max_tokens must be an integer >= 1, got {max_tokens!r} (default {default})")
+    return int(max_tokens)
+
+
+def lowest_k_mean(values: np.ndarray, k: float) -> float:
+    """Mean of the ``max(1, floor(k * n))`` smallest of ``n`` values.
+
+    Floor, as in the published code of Min-K% (Shi et al.) and Min-K%++ (Zhang et al.),
+    which take ``int(n * k)``; with at least one token, so short sequences still score
+    (their code gives NaN when ``k * n < 1``).
+
+    >>> lowest_k_mean(np.array([-3.0, -1.0, -2.0, -0.5, -0.1]), 0.4)  # floor(2.0) = 2: mean(-3, -2)
+    -2.5
+    >>> lowest_k_mean(np.array([-3.0, -1.0]), 0.2)  # floor(0.4) = 0 -> at least 1 token
+    -3.0
+    """
+    n = int(values.size)
+    if n == 0:
+        raise ValueError("lowest_k_mean of an empty array")
+    m = max(1, math.floor(k * n + 1e-9))  # tolerance: 0.29 * 100 is 28.999999999999996 in binary
+    return float(np.mean(np.partition(values, m - 1)[:m]))

@@ -1,0 +1,112 @@
+"""The jobs behind the CLI, as library calls: generate into a run, score a run, run end to end."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from distill_detect.store import TraceStore
+from distill_detect.types import Question
+
+
+def _progress(total: int, desc: str, unit: str = "q"):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, silence in logs and CI.
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, dynamic_ncols=True, file=sys.stderr)
+
+
+def generate_run(
+    questions: Sequence[Question],
+    run_dir,
+    backend_factory: Callable[[], object],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    fingerprint: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Generate every question of ``questions`` into ``run_dir`` that lacks a complete trace.
+
+    ``backend_factory`` is called only when there is work left, so a finished run
+    resumes without loading the model. ``fingerprint`` may be given to check the run
+    before loading; otherwise the backend's own is used. Batches are formed from
+    questions of similar length (less padding) and committed one at a time.
+    Returns counts: planned, generated now, already done, tokens generated now, seconds.
+    """
+    t0 = time.time()
+    store = TraceStore(run_dir, create=True)
+    try:
+        store.check_questions(questions)
+        if fingerprint is not None and store.get_meta("fingerprint") is not None:
+            store.bind(fingerprint)
+        complete = store.complete_ids(max_new_tokens)
+        todo = [q for q in questions if q.id not in complete]
+        done_before = len(questions) - len(todo)
+        summary = {"planned": len(questions), "generated": 0, "already_done": done_before, "tokens": 0}
+        if not todo:
+            summary["seconds"] = time.time() - t0
+            return summary
+        if log and done_before:
+            log(f"resuming {store.dir}: {done_before} of {len(questions)} questions already generated")
+        backend = backend_factory()
+        with store.writer(backend.fingerprint()):
+            store.add_questions(questions)
+            # Similar lengths together: left padding costs compute on every decoding step.
+            todo = sorted(todo, key=lambda q: len(q.text))
+            bar = _progress(len(todo), "generating")
+            try:
+                for i in range(0, len(todo), batch_size):
+                    batch = todo[i : i + batch_size]
+                    traces = backend.generate(batch, max_new_tokens=max_new_tokens)
+                    store.put_traces(traces)
+                    summary["generated"] += len(batch)
+                    summary["tokens"] += sum(t.num_tokens for t in traces)
+                    bar.update(len(batch))
+                    bar.set_postfix(tok_s=f"{summary['tokens'] / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+            except KeyboardInterrupt:
+                raise GenerationInterrupted(summary, store.dir) from None
+            finally:
+                bar.close()
+        summary["seconds"] = time.time() - t0
+        return summary
+    finally:
+        store.close()
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generation; carries how far the run got (every finished batch is stored)."""
+
+    def __init__(self, summary: dict, run_dir):
+        self.summary = summary
+        self.run_dir = run_dir
+        done = summary["already_done"] + summary["generated"]
+        super().__init__(
+            f"interrupted: {done} of {summary['planned']} questions are stored in {run_dir}; run the same command again to resume"
+        )
+
+
+def load_run_traces(run_dir, *, max_new_tokens: int | None = None):
+    """(traces, fingerprint, counts) of a run; traces in input order."""
+    with TraceStore(run_dir) as store:
+        return list(store.traces(complete_for=max_new_tokens)), store.get_meta("fingerprint"), store.counts()
+
+
+def score_and_write(traces, methods: dict[str, dict], out_dir, config: dict, *, n_resamples: int = 1000) -> dict:
+    """Score traces, compute metrics if labels exist, write the outputs; returns the metrics document."""
+    from distill_detect.scoring import evaluate, score_traces, write_outputs
+
+    raw = score_traces(traces, methods)
+    labels = [t.label for t in traces]
+    metrics = evaluate(labels, raw, methods, n_resamples=n_resamples) if any(x is not None for x in labels) else None
+    doc = write_outputs(out_dir, traces, raw, metrics, config)
+    doc["_raw"] = raw
+    return doc
+
+
+def summarize_missing(expected: int, got: int, run_dir) -> str | None:
+    if got < expected:
+        return f"{expected - got} of {expected} questions in {Path(run_dir)} have no complete trace yet; run 'generate' again to finish"
+    return None

@@ -1,0 +1,339 @@
+"""The durable trace store: one SQLite database per run directory.
+
+Traces are the expensive artifact (model time), so they are written as soon as a
+batch finishes, in one transaction per batch: a run killed at any moment (Ctrl-C,
+kill -9, a full disk) loses at most the batch in flight, and the same command run
+again generates exactly the questions that have no complete trace yet.
+
+Layout of ``RUN/``:
+
+* ``traces.sqlite``: tables ``meta`` (fingerprint, schema, versions), ``questions`` (the
+  planned questions in input order, with labels), ``traces`` (one row per question,
+  arrays as little-endian float32/int32 blobs) and ``extras`` (arrays added by later
+  passes, e.g. a reference model's log-probs, keyed by question, name and the pass's
+  fingerprint).
+* ``.lock``: held with ``flock`` while a process writes; a second writer is refused
+  at once with the holder's pid instead of interleaving.
+
+A run is bound to one fingerprint (model, dtype, backend and versions, template,
+decoding settings). Opening it for writing with another fingerprint is refused with
+a message naming the settings that differ. The token cap is not part of the
+fingerprint: each trace records the cap it was generated under, and a trace counts
+as complete for a request of ``max_new_tokens`` when it stopped by itself or was
+generated with a cap at least that large (greedy decoding makes the shorter trace a
+prefix of the longer one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from distill_detect.errors import ConfigError, DistillDetectError
+from distill_detect.types import Question, Trace
+
+SCHEMA = 1
+DB_NAME = "traces.sqlite"
+
+_ARRAYS = {
+    "output_ids": np.int32,
+    "output_logprobs": np.float32,
+    "output_mean_logp": np.float32,
+    "output_std_logp": np.float32,
+    "prompt_ids": np.int32,
+    "prompt_logprobs": np.float32,
+    "prompt_mean_logp": np.float32,
+    "prompt_std_logp": np.float32,
+}
+
+_DDL = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS questions (
+    id TEXT PRIMARY KEY, seq INTEGER NOT NULL, question TEXT NOT NULL, label INTEGER
+);
+CREATE TABLE IF NOT EXISTS traces (
+    id TEXT PRIMARY KEY REFERENCES questions(id),
+    finish_reason TEXT, max_new_tokens INTEGER NOT NULL, num_tokens INTEGER NOT NULL,
+    output_text TEXT, created REAL NOT NULL,
+    {", ".join(f"{k} BLOB" for k in _ARRAYS)}
+);
+CREATE TABLE IF NOT EXISTS extras (
+    id TEXT NOT NULL, name TEXT NOT NULL, pass_fp TEXT NOT NULL, dtype TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (id, name)
+);
+"""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """Human-readable list of the settings that differ between two fingerprints."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: run has {a.get(k)!r}, this command has {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _blob(arr, dtype) -> bytes | None:
+    """Array -> little-endian bytes of ``dtype`` (None stays None)."""
+    if arr is None:
+        return None
+    return np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+class RunLocked(DistillDetectError):
+    pass
+
+
+class TraceStore:
+    """Read and write the traces of one run directory."""
+
+    def __init__(self, run_dir, *, create: bool = False):
+        self.dir = Path(run_dir)
+        self.path = self.dir / DB_NAME
+        if not self.path.exists():
+            if not create:
+                raise DistillDetectError(f"{self.dir}: not a run directory (no {DB_NAME}); create it with 'distill-detect generate'")
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DistillDetectError(f"cannot create run directory {self.dir}: {exc.strerror}") from None
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed batch survives power loss too, not only a killed process.
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_DDL)
+        except sqlite3.OperationalError as exc:
+            raise DistillDetectError(f"cannot open the trace store {self.path}: {exc}") from None
+        self._lock_fh = None
+
+    # -- locking and fingerprint -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self, fingerprint: dict):
+        """Hold the run's write lock and bind it to ``fingerprint`` (refusing a different one)."""
+        import fcntl
+
+        lock_path = self.dir / ".lock"
+        fh = open(lock_path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunLocked(
+                f"{self.dir}: another distill-detect process (pid {holder}) is writing this run; "
+                "wait for it to finish or use another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock_fh = fh
+        try:
+            self.bind(fingerprint)
+            yield self
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+            self._lock_fh = None
+
+    def bind(self, fingerprint: dict) -> None:
+        old = self.get_meta("fingerprint")
+        if old is None:
+            with self._tx():
+                self._set_meta("fingerprint", fingerprint)
+                self._set_meta("schema", SCHEMA)
+                self._set_meta("created", time.time())
+            return
+        diff = fingerprint_diff(old, fingerprint)
+        if diff:
+            raise ConfigError(
+                f"{self.dir} holds traces made with different settings ({'; '.join(diff)}). "
+                "Use another --out for the new settings, or repeat the original ones to resume"
+            )
+
+    def get_meta(self, key: str):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def _set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+
+    @contextlib.contextmanager
+    def _tx(self):
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise DistillDetectError(f"{self.path}: {exc}") from None
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:  # e.g. disk full: the transaction is rolled back, the store stays valid
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.db.execute("ROLLBACK")
+            raise DistillDetectError(f"could not write to {self.path} ({exc}); nothing from this batch was stored") from None
+
+    # -- questions -------------------------------------------------------------------------------
+
+    def check_questions(self, questions: Iterable[Question]) -> dict[str, str]:
+        """Refuse a question whose id is already planned with other text; returns {id: text} of the plan."""
+        known = {r[0]: r[1] for r in self.db.execute("SELECT id, question FROM questions")}
+        for q in questions:
+            if q.id in known and known[q.id] != q.text:
+                raise ConfigError(
+                    f"question id {q.id!r} is already in {self.dir} with different text; "
+                    "ids must identify one question (use another --out or fix the input)"
+                )
+        return known
+
+    def complete_ids(self, max_new_tokens: int) -> set[str]:
+        """Ids whose stored trace is complete for a request of ``max_new_tokens``."""
+        rows = self.db.execute("SELECT id FROM traces WHERE finish_reason = 'stop' OR max_new_tokens >= ?", (max_new_tokens,))
+        return {r[0] for r in rows}
+
+    def add_questions(self, questions: Iterable[Question]) -> int:
+        """Plan questions (idempotent). Same id with other text is refused; labels are updated."""
+        qs = list(questions)
+        known = self.check_questions(qs)
+        start = self.db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM questions").fetchone()[0]
+        added = 0
+        try:
+            with self._tx():
+                for q in qs:
+                    if q.id in known:
+                        self.db.execute("UPDATE questions SET label = ? WHERE id = ?", (q.label, q.id))
+                    else:
+                        self.db.execute(
+                            "INSERT INTO questions (id, seq, question, label) VALUES (?, ?, ?, ?)", (q.id, start + added, q.text, q.label)
+                        )
+                        known[q.id] = q.text
+                        added += 1
+        except sqlite3.OperationalError as exc:
+            raise DistillDetectError(f"could not write to {self.path} ({exc})") from None
+        return added
+
+    def questions(self) -> list[Question]:
+        return [
+            Question(id=i, text=t, label=lab) for i, t, lab in self.db.execute("SELECT id, question, label FROM questions ORDER BY seq")
+        ]
+
+    def pending(self, max_new_tokens: int, ids: Iterable[str] | None = None) -> list[Question]:
+        """Planned questions without a trace complete for ``max_new_tokens`` (in input order)."""
+        rows = self.db.execute(
+            "SELECT q.id, q.question, q.label FROM questions q LEFT JOIN traces t ON t.id = q.id "
+            "WHERE t.id IS NULL OR (t.finish_reason != 'stop' AND t.max_new_tokens < ?) ORDER BY q.seq",
+            (max_new_tokens,),
+        ).fetchall()
+        wanted = None if ids is None else set(ids)
+        return [Question(id=i, text=t, label=lab) for i, t, lab in rows if wanted is None or i in wanted]
+
+    # -- traces ----------------------------------------------------------------------------------
+
+    def put_traces(self, traces: Iterable[Trace]) -> None:
+        """Store one batch atomically (replacing shorter traces of the same questions)."""
+        rows = []
+        for t in traces:
+            blobs = [_blob(getattr(t, k), dt) for k, dt in _ARRAYS.items()]
+            rows.append((t.id, t.finish_reason, int(t.max_new_tokens or t.num_tokens), t.num_tokens, t.output_text, time.time(), *blobs))
+        cols = "id, finish_reason, max_new_tokens, num_tokens, output_text, created, " + ", ".join(_ARRAYS)
+        marks = ", ".join("?" * (6 + len(_ARRAYS)))
+        with self._tx():
+            self.db.executemany(f"INSERT OR REPLACE INTO traces ({cols}) VALUES ({marks})", rows)
+
+    def put_extras(self, name_arrays: dict[str, dict[str, np.ndarray]], pass_fp: dict) -> None:
+        """Store per-question arrays from a later pass: {question_id: {name: array}}."""
+        fp = json.dumps(pass_fp, sort_keys=True)
+        rows = []
+        for qid, arrays in name_arrays.items():
+            for name, arr in arrays.items():
+                a = np.asarray(arr)
+                dt = "<i4" if np.issubdtype(a.dtype, np.integer) else "<f4"
+                rows.append((qid, name, fp, dt, np.ascontiguousarray(a.astype(dt)).tobytes()))
+        with self._tx():
+            self.db.executemany("INSERT OR REPLACE INTO extras (id, name, pass_fp, dtype, data) VALUES (?, ?, ?, ?, ?)", rows)
+
+    def extras_missing(self, names: Iterable[str], pass_fp: dict) -> set[str]:
+        """Question ids with a trace that lack any of ``names`` computed under ``pass_fp``."""
+        fp = json.dumps(pass_fp, sort_keys=True)
+        have: dict[str, set] = {}
+        for qid, name in self.db.execute("SELECT id, name FROM extras WHERE pass_fp = ?", (fp,)):
+            have.setdefault(qid, set()).add(name)
+        want = set(names)
+        return {qid for (qid,) in self.db.execute("SELECT id FROM traces") if not want <= have.get(qid, set())}
+
+    def traces(self, *, complete_for: int | None = None) -> Iterator[Trace]:
+        """All stored traces in input order, with labels from the question plan and extras attached."""
+        extras: dict[str, dict] = {}
+        for qid, name, dt, data in self.db.execute("SELECT id, name, dtype, data FROM extras"):
+            extras.setdefault(qid, {})[name] = np.frombuffer(data, dtype=dt).astype(np.int32 if dt == "<i4" else np.float32)
+        cols = ", ".join(f"t.{k}" for k in _ARRAYS)
+        q = (
+            f"SELECT q.id, q.question, q.label, t.finish_reason, t.max_new_tokens, t.output_text, {cols} "
+            "FROM questions q JOIN traces t ON t.id = q.id ORDER BY q.seq"
+        )
+        for row in self.db.execute(q):
+            qid, text, label, finish, cap, out_text, *blobs = row
+            if complete_for is not None and finish != "stop" and cap < complete_for:
+                continue
+            arrays = {
+                k: (None if b is None else np.frombuffer(b, dtype=np.dtype(dt).newbyteorder("<")).astype(dt))
+                for (k, dt), b in zip(_ARRAYS.items(), blobs)
+            }
+            yield Trace(
+                id=qid,
+                question=text,
+                label=label,
+                finish_reason=finish,
+                max_new_tokens=cap,
+                output_text=out_text,
+                extra=extras.get(qid, {}),
+                **arrays,
+            )
+
+    def counts(self) -> dict:
+        n_q = self.db.execute("SELECT COUNT(*) FROM questions").fetchone()[0]
+        n_t, n_tok = self.db.execute("SELECT COUNT(*), COALESCE(SUM(num_tokens), 0) FROM traces").fetchone()
+        return {"questions": n_q, "traces": n_t, "tokens": n_tok}
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's own check plus the store's invariants; an empty list means healthy."""
+        problems = [r[0] for r in self.db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        orphans = self.db.execute("SELECT COUNT(*) FROM traces WHERE id NOT IN (SELECT id FROM questions)").fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} traces without a planned question")
+        bad = self.db.execute("SELECT COUNT(*) FROM traces WHERE num_tokens != LENGTH(output_logprobs) / 4").fetchone()[0]
+        if bad:
+            problems.append(f"{bad} traces whose token count does not match their arrays")
+        return problems
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,147 @@
+"""The trace interchange format: JSONL, one generation per line.
+
+Written by ``distill-detect export`` and read by ``distill-detect score --traces``, so
+generations made elsewhere (API logs, another engine) can be scored too.
+
+Required per line:
+    ``id``               string or integer, unique in the file
+    ``output_logprobs``  list of numbers: log p of each emitted token, in generation order
+                         (finite, <= 0; values in (0, 1e-6] are rounding and read as 0)
+Optional:
+    ``label`` (0/1), ``question``, ``output_text``, ``output_token_ids`` (ints, same length),
+    ``finish_reason``, ``max_new_tokens``, ``output_mean_logp``, ``output_std_logp``,
+    ``prompt_ids``, ``prompt_logprobs``, ``prompt_mean_logp``, ``prompt_std_logp``, and
+    ``extra`` (an object of named number lists, e.g. ``reference_output_logprobs``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from distill_detect.data import read_records
+from distill_detect.errors import InputError
+from distill_detect.types import Trace
+
+_LOGPROB_FIELDS = ("output_logprobs", "prompt_logprobs")
+_FLOAT_FIELDS = ("output_mean_logp", "output_std_logp", "prompt_mean_logp", "prompt_std_logp")
+_ROUNDING = 1e-6
+
+
+def trace_to_dict(t: Trace) -> dict:
+    d: dict = {"id": t.id}
+    if t.label is not None:
+        d["label"] = int(t.label)
+    if t.question is not None:
+        d["question"] = t.question
+    if t.output_text is not None:
+        d["output_text"] = t.output_text
+    if t.finish_reason is not None:
+        d["finish_reason"] = t.finish_reason
+    if t.max_new_tokens is not None:
+        d["max_new_tokens"] = int(t.max_new_tokens)
+    if t.output_ids is not None:
+        d["output_token_ids"] = t.output_ids.tolist()
+    d["output_logprobs"] = [float(x) for x in t.output_logprobs]
+    for k in (*_FLOAT_FIELDS, "prompt_logprobs"):
+        v = getattr(t, k)
+        if v is not None:
+            d[k] = [float(x) for x in v]
+    if t.prompt_ids is not None:
+        d["prompt_ids"] = t.prompt_ids.tolist()
+    if t.extra:
+        d["extra"] = {k: np.asarray(v).tolist() for k, v in t.extra.items()}
+    return d
+
+
+def write_traces_jsonl(path, traces: Iterable[Trace]) -> int:
+    """Write traces atomically; returns how many were written."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for t in traces:
+            fh.write(json.dumps(trace_to_dict(t), ensure_ascii=False) + "\n")
+            n += 1
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return n
+
+
+def _numbers(path, line, field, value, *, logprob: bool, integer: bool = False) -> np.ndarray:
+    if not isinstance(value, list):
+        raise InputError(path, f"must be a list of numbers, got {type(value).__name__}", line=line, field=field)
+    for k, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or (integer and not isinstance(x, int)):
+            kind = "integers" if integer else "numbers"
+            raise InputError(path, f"element {k} is {x!r}; expected {kind}", line=line, field=field)
+        if not integer and not math.isfinite(x):
+            raise InputError(path, f"element {k} is {x!r}; log-probabilities must be finite", line=line, field=field)
+        if logprob and x > _ROUNDING:
+            raise InputError(path, f"element {k} is {x!r}; a log-probability cannot be positive", line=line, field=field)
+    if integer:
+        return np.asarray(value, dtype=np.int64)
+    arr = np.asarray(value, dtype=np.float64)
+    return np.minimum(arr, 0.0) if logprob else arr
+
+
+def read_traces_jsonl(path) -> list[Trace]:
+    """Read and validate a traces file; every problem names the file, line and field."""
+    from distill_detect.data import _parse_label
+
+    out: list[Trace] = []
+    seen: dict[str, int] = {}
+    for line, rec in read_records(path):
+        if "id" not in rec:
+            raise InputError(path, "missing", line=line, field="id")
+        raw_id = rec["id"]
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+            raise InputError(path, f"must be a string or integer, got {type(raw_id).__name__}", line=line, field="id")
+        qid = str(raw_id)
+        if qid in seen:
+            raise InputError(path, f"duplicate id {qid!r} (first on line {seen[qid]})", line=line, field="id")
+        seen[qid] = line
+        if "output_logprobs" not in rec:
+            raise InputError(path, "missing (the emitted tokens' log-probabilities)", line=line, field="output_logprobs")
+        kw: dict = {}
+        for f in _LOGPROB_FIELDS:
+            if rec.get(f) is not None:
+                kw[f] = _numbers(path, line, f, rec[f], logprob=True)
+        for f in _FLOAT_FIELDS:
+            if rec.get(f) is not None:
+                kw[f] = _numbers(path, line, f, rec[f], logprob=False)
+        if rec.get("output_token_ids") is not None:
+            kw["output_ids"] = _numbers(path, line, "output_token_ids", rec["output_token_ids"], logprob=False, integer=True)
+            if len(kw["output_ids"]) != len(kw["output_logprobs"]):
+                raise InputError(
+                    path,
+                    f"{len(kw['output_ids'])} token ids but {len(kw['output_logprobs'])} log-probabilities",
+                    line=line,
+                    field="output_token_ids",
+                )
+        if rec.get("prompt_ids") is not None:
+            kw["prompt_ids"] = _numbers(path, line, "prompt_ids", rec["prompt_ids"], logprob=False, integer=True)
+        for f in ("question", "output_text", "finish_reason"):
+            v = rec.get(f)
+            if v is not None and not isinstance(v, str):
+                raise InputError(path, f"must be a string, got {type(v).__name__}", line=line, field=f)
+            kw[f] = v
+        extra = rec.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise InputError(path, "must be an object of named number lists", line=line, field="extra")
+        kw["extra"] = {
+            k: _numbers(path, line, f"extra.{k}", v, logprob=k.endswith("logprobs")).astype(np.float32) for k, v in extra.items()
+        }
+        mnt = rec.get("max_new_tokens")
+        if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 0):
+            raise InputError(path, f"must be a non-negative integer, got {mnt!r}", line=line, field="max_new_tokens")
+        out.append(Trace(id=qid, label=_parse_label(path, line, rec.get("label"), False), max_new_tokens=mnt, **kw))
+    return out
