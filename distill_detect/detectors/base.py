@@ -8,9 +8,10 @@ where that direction is applied.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
+from distill_detect.errors import ConfigError
 from distill_detect.types import Trace
 
 
@@ -40,4 +41,8 @@ class Detector:
         return int(merged[self.budget_param])
 
     def __call__(self, trace: Trace, **params) -> float:
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise ConfigError(f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters: {known}")
         return float(self.fn(trace, **{**self.defaults, **params}))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distill_detect.detectors.checks import need_array
 from distill_detect.errors import ConfigError
 
 
@@ -48,4 +49,5 @@ def tpd_score(logprobs, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int
 
 
 def tpd(trace, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 300) -> float:
-    return tpd_score(trace.output_logprobs, tau=tau, alpha=alpha, max_tokens=max_tokens)
+    lp = need_array(trace, "output_logprobs", "tpd", allow_empty=True)
+    return tpd_score(lp, tau=tau, alpha=alpha, max_tokens=max_tokens)

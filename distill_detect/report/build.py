@@ -1,0 +1,292 @@
+"""Assemble the report: read a results directory, compute the figure data, write the HTML and PNGs.
+
+``collect(out_dir, traces=..., tokenizer=...)`` returns the one JSON document the page
+draws from; ``render_html(doc)`` turns it into a self-contained page; ``write_report``
+does both and writes the matplotlib PNGs next to it.
+
+Safety: the page never interprets data as markup. The data travels as JSON inside a
+``<script type="application/json">`` block in which ``<``, ``>`` and ``&`` are written as
+``\\u003c``, ``\\u003e`` and ``\\u0026`` (so no ``</script>`` can appear in it), and the
+page's script inserts every data-derived string with ``textContent``. A Content
+Security Policy lets only the page's own script (by its sha256) run and forbids every
+network request, so even markup that slipped through could neither run nor load.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from distill_detect.errors import DistillDetectError
+from distill_detect.report import data as D
+
+_HERE = Path(__file__).parent
+
+TPD_DEFAULTS = {"tau": 1.0, "alpha": 0.6, "max_tokens": 300}
+
+
+def _load_traces(config: dict, out_dir: Path):
+    """Traces named by the run config (a run directory or a traces file), or (None, why not)."""
+    src = config.get("source") or {}
+    candidates = []
+    if src.get("run"):
+        candidates.append(("run", Path(src["run"])))
+    if src.get("traces"):
+        candidates.append(("traces", Path(src["traces"])))
+    if not candidates and (out_dir / "run").is_dir():
+        candidates.append(("run", out_dir / "run"))
+    for kind, path in candidates:
+        try:
+            if kind == "run":
+                from distill_detect.pipeline import load_run_traces
+
+                return load_run_traces(path)[0], f"run {path}"
+            from distill_detect.traceio import read_traces_jsonl
+
+            return read_traces_jsonl(path), f"traces {path}"
+        except Exception as exc:  # moved or deleted: the report still shows the scores
+            warnings.warn(f"report: could not read the traces from {path} ({exc}); tokens are left out", stacklevel=3)
+            return None, f"traces not readable: {path}"
+    return None, "the results do not say where the traces are"
+
+
+def _tpd_params(metrics_doc: dict) -> dict:
+    m = (metrics_doc.get("methods") or {}).get("tpd") or {}
+    params = m.get("params") or ((metrics_doc.get("config") or {}).get("methods") or {}).get("tpd") or {}
+    return {**TPD_DEFAULTS, **params}
+
+
+def _summary(method: str) -> str:
+    try:
+        from distill_detect.detectors import get
+
+        return get(method).summary
+    except Exception:
+        return ""
+
+
+def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
+    """Everything the report shows, as one JSON-ready document."""
+    out_dir = Path(out_dir)
+    scores_path = out_dir / "scores.jsonl"
+    if not scores_path.exists():
+        raise DistillDetectError(f"{out_dir}: no scores.jsonl; run 'distill-detect score' or 'run' with --out {out_dir} first")
+    rows, methods = D.read_scores(scores_path)
+    metrics_path = out_dir / "metrics.json"
+    metrics_doc = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
+    config = metrics_doc.get("config") or {}
+    for m in metrics_doc.get("methods") or {}:
+        if m not in methods:
+            methods.append(m)
+
+    n = len(rows)
+    y = np.array([int(r["label"]) if r.get("label") is not None else -1 for r in rows], dtype=int)
+    has_labels = bool((y == 1).any() and (y == 0).any())
+    groups = {"member": y == 1, "nonmember": y == 0, "unlabelled": y == -1}
+    groups = {k: v for k, v in groups.items() if v.any()}
+
+    # -- per method: metrics, ROC, histogram, verdicts ---------------------------------------------
+    method_docs = []
+    for name in methods:
+        raw = np.array([r.get(name, math.nan) if r.get(name) is not None else math.nan for r in rows], dtype=np.float64)
+        higher = D.higher_is_member(name, metrics_doc)
+        block = (metrics_doc.get("methods") or {}).get(name)
+        doc = {
+            "name": name,
+            "higher_is_member": higher,
+            "summary": _summary(name),
+            "params": (block or {}).get("params") or ((config.get("methods") or {}).get(name)) or {},
+            "metrics": {k: v for k, v in (block or {}).items() if k not in ("params", "higher_is_member")} or None,
+            "hist": D.histogram(raw, groups),
+            "roc": None,
+            "verdicts": {},
+        }
+        finite = np.isfinite(raw)
+        if higher is not None and finite.any():
+            s = np.where(finite, D.oriented(np.nan_to_num(raw), higher), -np.inf)
+            lab = (y >= 0) & finite
+            if has_labels:
+                doc["roc"] = D.roc_points(y[lab], s[lab])
+            v = D.verdicts(np.where(finite, y, -2), np.where(finite, s, -np.inf))
+            for key, blk in v.items():
+                # Threshold back in the method's own sign, for display ("TPD < 0.41").
+                blk["threshold_raw"] = blk["threshold"] if higher else -blk["threshold"]
+            doc["verdicts"] = v
+        method_docs.append(doc)
+
+    # -- tokens --------------------------------------------------------------------------------------
+    tpd = _tpd_params(metrics_doc)
+    M, tau = int(tpd["max_tokens"]), float(tpd["tau"])
+    trace_note = "traces given by the caller"
+    if traces is None:
+        traces, trace_note = _load_traces(config, out_dir)
+    by_id = {t.id: t for t in traces} if traces else {}
+    tok, tok_note = (None, "no generated-token ids in the traces")
+    if by_id and any(t.output_ids is not None for t in by_id.values()):
+        from distill_detect.report.tokens import resolve_tokenizer
+
+        tok, tok_note = resolve_tokenizer(tokenizer, config=config)
+    vocab_ids: set[int] = set()
+    token_rows, first_probs, first_labels = [], [], []
+    questions = []
+    for i, r in enumerate(rows):
+        qid = str(r["id"])
+        t = by_id.get(qid)
+        q = {
+            "id": qid,
+            "label": None if y[i] < 0 else int(y[i]),
+            "text": (t.question if t is not None else None),
+            "scores": {m: r.get(m) for m in methods},
+        }
+        if t is not None:
+            lp = np.asarray(t.output_logprobs, dtype=np.float64)
+            p = np.exp(lp[:M])  # float64, exactly as tpd_score computes it
+            q["n_tokens"] = int(t.num_tokens)
+            q["finish"] = t.finish_reason
+            q["n_low"] = int((p < 0.9).sum())
+            ids = None if t.output_ids is None else [int(x) for x in t.output_ids[:M]]
+            if ids is not None:
+                vocab_ids.update(ids)
+            token_rows.append(
+                {
+                    "ids": ids,
+                    "p": [float(f"{x:.6g}") for x in p],
+                    "in": "".join("1" if x < tau else "0" for x in p),
+                    "more": max(int(t.num_tokens) - M, 0),
+                }
+            )
+            first_probs.append(p)
+            first_labels.append(int(y[i]))
+        else:
+            token_rows.append(None)
+        questions.append(q)
+    vocab = None
+    if tok is not None and vocab_ids:
+        from distill_detect.report.tokens import decode_each
+
+        vocab = {str(k): v for k, v in decode_each(tok, vocab_ids).items()}
+
+    ablations = None
+    ab_path = out_dir / "ablations.json"
+    if ab_path.exists():
+        try:
+            ablations = json.loads(ab_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"report: {ab_path} is not readable JSON ({exc}); ablations left out", stacklevel=2)
+
+    src = config.get("source") or {}
+    model = ((src.get("fingerprint") or {}).get("model")) or {}
+    meta = {
+        "out_dir": str(out_dir.resolve()),
+        "created": config.get("created"),
+        "package_version": config.get("package_version"),
+        "source": src.get("run") or src.get("traces"),
+        "model": model.get("name") or model.get("hub_id"),
+        "members": config.get("members"),
+        "nonmembers": config.get("nonmembers"),
+        "max_new_tokens": config.get("max_new_tokens"),
+        "n_questions": n,
+        "n_members": int((y == 1).sum()),
+        "n_nonmembers": int((y == 0).sum()),
+        "n_unlabelled": int((y == -1).sum()),
+        "traces": trace_note if by_id else f"no traces: {trace_note}",
+        "tokenizer": tok_note if vocab is not None else (tok_note if by_id else None),
+    }
+    return D.finite_or_none(
+        {
+            "meta": meta,
+            "has_labels": has_labels,
+            "methods": method_docs,
+            "questions": questions,
+            "tokens": {
+                "available": bool(by_id),
+                "M": M,
+                "tau": tau,
+                "alpha": float(tpd["alpha"]),
+                "vocab": vocab,
+                "rows": token_rows,
+            },
+            "token_hist": D.token_probability_histogram(first_probs, first_labels) if first_probs else None,
+            "ablations": ablations,
+            "levels": list(D.FPR_LEVELS),
+        }
+    )
+
+
+# -- HTML -------------------------------------------------------------------------------------------
+
+
+def embed_json(doc) -> str:
+    """JSON for a ``<script type="application/json">`` block: nothing in it can end the block.
+
+    >>> embed_json({"q": "</script><b>&"})
+    '{"q": "\\\\u003c/script\\\\u003e\\\\u003cb\\\\u003e\\\\u0026"}'
+    """
+    text = json.dumps(doc, ensure_ascii=False, allow_nan=False)
+    return (
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src '%(script_hash)s'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'">
+<title>distill-detect report</title>
+<style>
+%(css)s
+</style>
+</head>
+<body>
+<noscript><p class="noscript">This report draws its tables and charts with JavaScript; please enable it for this file.</p></noscript>
+<div id="app"></div>
+<script type="application/json" id="report-data">%(data)s</script>
+<script>%(js)s</script>
+</body>
+</html>
+"""
+
+
+def render_html(doc: dict) -> str:
+    """The self-contained page for a document from ``collect``."""
+    css = (_HERE / "report.css").read_text(encoding="utf-8")
+    js = (_HERE / "report.js").read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(js.encode("utf-8")).digest()).decode("ascii")
+    return _PAGE % {"css": css, "js": js, "data": embed_json(doc), "script_hash": f"sha256-{digest}"}
+
+
+def write_report(out_dir, *, traces=None, tokenizer=None, figures: bool = True) -> Path:
+    """Write ``out_dir/report.html`` (and ``out_dir/figures/*.png`` when matplotlib is there).
+
+    ``out_dir`` is a results directory (``scores.jsonl``, ``metrics.json``, optionally
+    ``ablations.json``). ``traces`` defaults to those the results were computed from;
+    ``tokenizer`` (an object with ``decode``, or a path) turns token ids into text.
+    """
+    out_dir = Path(out_dir)
+    doc = collect(out_dir, traces=traces, tokenizer=tokenizer)
+    path = out_dir / "report.html"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_html(doc), encoding="utf-8")
+    tmp.replace(path)
+    if figures:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            warnings.warn("report: matplotlib is not installed, so no PNG figures (pip install 'distill-detect[plot]')", stacklevel=2)
+        else:
+            from distill_detect.report.figures import write_figures
+
+            write_figures(doc, out_dir / "figures")
+    return path
