@@ -276,7 +276,9 @@ def estimate_contaminated_fraction(
 
     Estimator: 1 - pi0, with pi0 from Storey (2002) on the conformal p-values at lambda = 0.5.
     In score terms it compares how many benchmark and reference questions fall below the
-    reference median t: pi_hat = 1 - P_B(S <= t) / P_R(S <= t).
+    reference median t: pi_hat = 1 - P_B(S <= t) / P_R(S <= t) (up to the +1 correction;
+    the null mass P0(p > lambda) is taken exactly for m reference scores without ties; tied
+    scores only make unseen p-values larger, which lowers the estimate further).
 
     Why this one: with no labels, B = pi F1 + (1 - pi) F0 and R ~ F0 do not identify pi
     unless one assumes something about F1, the members' score distribution. For every
