@@ -66,6 +66,61 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC interval (default 1000)")
 
 
+def _reference_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reference-model",
+        default=None,
+        help="the model before distillation (the student's base), for the 'reference' and 'tpd_ref' methods",
+    )
+
+
+def _reference_factory(args, fingerprint: dict | None):
+    """(factory, identity) of the reference model, loaded like the student (same dtype/device/template)."""
+    if not getattr(args, "reference_model", None):
+        return None, None
+    from distill_detect.models import resolve_model
+
+    ref = resolve_model(args.reference_model)
+    fp = fingerprint or {}
+
+    def make():
+        from distill_detect.backends import make_backend
+
+        return make_backend(
+            "hf",
+            model=args.reference_model,
+            dtype=fp.get("dtype", "auto"),
+            device=fp.get("device", "auto"),
+            system_prompt=fp.get("system_prompt"),
+        )
+
+    return make, ref.identity
+
+
+def _student_factory_from_run(run_dir, fingerprint: dict | None):
+    """Reload the model that generated a run (for passes run at scoring time)."""
+    from distill_detect.store import TraceStore
+
+    with TraceStore(run_dir) as st:
+        where = st.get_meta("model") or {}
+    fp = fingerprint or {}
+
+    def make():
+        from distill_detect.backends import make_backend
+
+        if not where.get("location"):
+            raise DistillDetectError(f"{run_dir} does not record where its model came from; use 'distill-detect run' to compute these methods")
+        return make_backend(
+            where.get("backend") or "hf",
+            model=where["location"],
+            dtype=fp.get("dtype", "auto"),
+            device=fp.get("device", "auto"),
+            system_prompt=fp.get("system_prompt"),
+        )
+
+    return make
+
+
 def _parse_params(args) -> tuple[list[str], dict[str, dict]]:
     from distill_detect.detectors import parse_methods
 
@@ -153,12 +208,24 @@ def cmd_generate(args) -> int:
 
 def cmd_score(args) -> int:
     from distill_detect.pipeline import load_run_traces, score_and_write, summarize_missing
-    from distill_detect.scoring import format_table
 
     methods, resolved = _parse_params(args)
     if bool(args.run) == bool(args.traces):
         raise ConfigError("give exactly one of --run RUN or --traces T.jsonl")
     if args.run:
+        from distill_detect.pipeline import run_passes
+
+        _, fp, _ = load_run_traces(args.run)
+        ref_factory, ref_id = _reference_factory(args, fp)
+        run_passes(
+            args.run,
+            methods,
+            student_factory=_student_factory_from_run(args.run, fp),
+            reference_factory=ref_factory,
+            reference_identity=ref_id,
+            batch_size=args.batch_size,
+            log=_say,
+        )
         traces, fp, counts = load_run_traces(args.run)
         if not traces:
             raise DistillDetectError(f"{args.run}: no traces stored yet; run 'distill-detect generate' first")
@@ -178,13 +245,11 @@ def cmd_score(args) -> int:
 
 
 def _check_trace_needs(traces, resolved) -> None:
-    from distill_detect.detectors import get
+    """Fail before scoring when a method needs something the traces lack (names the field and its source)."""
+    from distill_detect.detectors import check_needs
 
     for name in resolved:
-        det = get(name)
-        checker = getattr(importlib.import_module("distill_detect.detectors"), "check_needs", None)
-        if checker is not None and traces:
-            checker(det, traces[0])
+        check_needs(name, traces)
 
 
 def _print_result(doc, out_dir, n: int) -> None:
@@ -225,12 +290,27 @@ def cmd_run(args) -> int:
     s = generate_run(qs, run_dir, _backend_factory(args), max_new_tokens=budget, batch_size=args.batch_size, log=_say)
     if s["tokens"]:
         _say(f"generated {s['generated']} questions, {s['tokens']} tokens in {s['seconds']:.0f}s ({s['tokens'] / s['seconds']:.1f} tok/s)")
-    traces, fp, _ = load_run_traces(run_dir, max_new_tokens=budget)
     wanted = {q.id for q in qs}
+    from distill_detect.pipeline import run_passes
+
+    _, fp0, _ = load_run_traces(run_dir)
+    ref_factory, ref_id = _reference_factory(args, fp0)
+    run_passes(
+        run_dir,
+        methods,
+        student_factory=_backend_factory(args),
+        reference_factory=ref_factory,
+        reference_identity=ref_id,
+        batch_size=args.batch_size,
+        ids=wanted,
+        log=_say,
+    )
+    traces, fp, _ = load_run_traces(run_dir, max_new_tokens=budget)
     traces = [t for t in traces if t.id in wanted]
     _check_trace_needs(traces, resolved)
     config = {
         "source": {"run": str(run_dir.resolve()), "fingerprint": fp},
+        "reference_model": ref_id,
         "methods": resolved,
         "members": str(args.members),
         "nonmembers": str(args.nonmembers),
@@ -285,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", help="traces JSONL (the format 'export' writes)")
     p.add_argument("--out", required=True, help="output directory")
     _method_args(p)
+    _reference_arg(p)
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of extra model passes (lowercase, reference)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("export", help="write a run's traces as JSONL (works on unfinished runs)", epilog=EXAMPLES["export"], formatter_class=fmt)
@@ -299,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _input_args(p)
     _model_args(p)
     _method_args(p)
+    _reference_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("methods", help="list the detectors, their direction and parameters")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+
+import numpy as np
 
 from distill_detect.store import TraceStore
 from distill_detect.types import Question
@@ -54,6 +56,8 @@ def generate_run(
         backend = backend_factory()
         with store.writer(backend.fingerprint()):
             store.add_questions(questions)
+            # Where the model came from (not part of the fingerprint): lets later passes reload it.
+            store.set_meta("model", {"backend": getattr(backend, "name", None), "location": getattr(backend, "location", None)})
             # Similar lengths together: left padding costs compute on every decoding step.
             todo = sorted(todo, key=lambda q: len(q.text))
             bar = _progress(len(todo), "generating")
@@ -110,3 +114,84 @@ def summarize_missing(expected: int, got: int, run_dir) -> str | None:
     if got < expected:
         return f"{expected - got} of {expected} questions in {Path(run_dir)} have no complete trace yet; run 'generate' again to finish"
     return None
+
+
+def _freq_table_for(tokenizer) -> np.ndarray:
+    """DC-PDD's token-frequency table over the bundled corpus, cached per tokenizer."""
+    import hashlib
+    import json as _json
+
+    from distill_detect.models import cache_dir
+    from distill_detect.passes import build_token_freq_table, bundled_corpus_texts, load_token_freq_table, save_token_freq_table
+
+    vocab = tokenizer.get_vocab()
+    key = hashlib.sha256(_json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    path = cache_dir() / "token_freq" / f"bundled-{key}.npy"
+    if path.exists():
+        return load_token_freq_table(path, vocab_size=len(tokenizer))
+    table = build_token_freq_table(tokenizer, bundled_corpus_texts())
+    save_token_freq_table(path, table)
+    return table
+
+
+def run_passes(
+    run_dir,
+    methods: Sequence[str],
+    *,
+    student_factory: Callable[[], object],
+    reference_factory: Callable[[], object] | None = None,
+    reference_identity: dict | None = None,
+    batch_size: int = 8,
+    ids: set[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the extra passes that ``methods`` need over the stored traces that lack them.
+
+    Results go into the run's store (``extras``), keyed by a fingerprint of the pass, so a
+    second scoring with the same methods costs no model time and an interrupted pass
+    resumes where it stopped. Returns {pass name: traces processed now}.
+    """
+    from distill_detect.errors import ConfigError
+    from distill_detect.passes import PASS_EXTRAS, dcpdd_freq_pass, lowercase_pass, reference_pass, required_passes
+
+    needed = required_passes(methods)
+    done: dict[str, int] = {}
+    if not needed:
+        return done
+    store = TraceStore(run_dir)
+    try:
+        run_fp = store.get_meta("fingerprint")
+        student = None
+        for name in sorted(needed):
+            if name == "reference":
+                if reference_factory is None:
+                    raise ConfigError(
+                        "methods 'reference' and 'tpd_ref' need --reference-model: the model before distillation (the student's base)"
+                    )
+                pass_fp = {"pass": name, "student": run_fp, "reference": reference_identity}
+            else:
+                pass_fp = {"pass": name, "student": run_fp}
+            todo_ids = store.extras_missing(PASS_EXTRAS[name], pass_fp)
+            if ids is not None:
+                todo_ids &= ids
+            if not todo_ids:
+                continue
+            traces = [t for t in store.traces() if t.id in todo_ids]
+            if log:
+                log(f"{name} pass over {len(traces)} traces")
+            if name == "lowercase":
+                student = student or student_factory()
+                res = lowercase_pass(student, traces, batch_size)
+            elif name == "reference":
+                ref = reference_factory()
+                res = reference_pass(ref, traces, batch_size)
+                ref.close()
+            else:
+                student = student or student_factory()
+                res = dcpdd_freq_pass(traces, _freq_table_for(student.tok))
+            with store.writer(run_fp):
+                store.put_extras(res, pass_fp)
+            done[name] = len(traces)
+        return done
+    finally:
+        store.close()

@@ -31,8 +31,8 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -174,6 +174,11 @@ class TraceStore:
     def get_meta(self, key: str):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value) -> None:
+        """Record a non-fingerprint fact about the run (e.g. where the model was loaded from)."""
+        with self._tx():
+            self._set_meta(key, value)
 
     def _set_meta(self, key: str, value) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))

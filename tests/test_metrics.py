@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distill_detect.detectors import get
@@ -19,6 +19,9 @@ from distill_detect.metrics import (
     summarize,
     tpr_at_fpr,
 )
+
+# No per-example deadline: the first call may import sklearn; fixed example count keeps files fast.
+RELAXED = settings(deadline=None, max_examples=60)
 
 # -- brute-force references --------------------------------------------------------------------------
 
@@ -81,12 +84,14 @@ def test_auc_hand():
     assert roc_auc([0, 0, 1], [0.0, 1.0, 2.0]) == 1.0
 
 
+@RELAXED
 @given(labelled())
 def test_auc_matches_pair_counting(ys):
     y, s = ys
     assert roc_auc(y, s) == pytest.approx(pair_auc(y, s), abs=1e-12)
 
 
+@RELAXED
 @given(labelled())
 def test_auc_of_negated_scores(ys):
     y, s = ys
@@ -101,6 +106,7 @@ MONOTONE = [
 ]
 
 
+@RELAXED
 @given(labelled(), st.sampled_from(range(len(MONOTONE))))
 def test_metrics_invariant_to_monotone_transforms(ys, which):
     y, s = ys
@@ -136,18 +142,21 @@ def test_paper_reading_can_sit_above_the_target_fpr():
     assert tpr_at_fpr(y, s, fpr=0.01, reading="paper") == pytest.approx(40 / 50)  # at FPR 2%
 
 
+@RELAXED
 @given(labelled(), st.sampled_from([0.0, 0.01, 0.05, 0.2, 0.5, 1.0]))
 def test_strict_reading_matches_threshold_sweep(ys, f):
     y, s = ys
     assert tpr_at_fpr(y, s, fpr=f, reading="strict") == pytest.approx(strict_tpr(y, s, f), abs=1e-12)
 
 
+@RELAXED
 @given(labelled(unique=True), st.sampled_from([0.01, 0.05, 0.2, 0.5, 1.0]))
 def test_paper_reading_matches_threshold_sweep_without_ties(ys, f):
     y, s = ys
     assert tpr_at_fpr(y, s, fpr=f, reading="paper") == pytest.approx(paper_tpr_no_ties(y, s, f), abs=1e-12)
 
 
+@RELAXED
 @given(labelled(), st.sampled_from([0.01, 0.05, 0.2, 0.5]))
 def test_paper_reading_bounds_with_ties(ys, f):
     """With ties too: at least every TPR reached below the target FPR, at most the best TPR at the

@@ -22,7 +22,7 @@ cannot run the input-likelihood baselines).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -11,7 +11,7 @@ straggler does not make the others pay.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class HFBackend(Backend):
             self.model.eval()
             self.dtype = str(self.model.dtype).replace("torch.", "")
             self.device = str(self.model.device)
+            self.location = getattr(self.model, "name_or_path", None)
         else:
             from distill_detect.models import load_hf, resolve_model
 
@@ -57,6 +58,7 @@ class HFBackend(Backend):
                 ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code
             )
             identity = ref.identity
+            self.location = ref.location
         self.identity = identity
         self.system_prompt = system_prompt
         self.want_prompt_logprobs = prompt_logprobs
@@ -260,7 +262,7 @@ class HFBackend(Backend):
         res = []
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-            for i, (p, c) in enumerate(zip(prompts, continuations)):
+            for i, c in enumerate(continuations):
                 n = len(c)
                 if n == 0:
                     res.append(np.zeros(0, np.float32))

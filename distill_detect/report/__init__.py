@@ -35,8 +35,8 @@ def write_report(out_dir, *, traces=None, tokenizer=None, figures: bool = True) 
 
 
 def cmd_report(args) -> int:
-    from distill_detect.report.build import _load_traces
     from distill_detect.errors import DistillDetectError
+    from distill_detect.report.build import _load_traces
 
     out = Path(args.dir)
     if not out.is_dir():
@@ -71,7 +71,11 @@ def add_cli(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dir", help="results directory written by 'run' or 'score' (holds scores.jsonl)")
-    p.add_argument("--ablations", action="store_true", help="first sweep TPD's M, tau and alpha on the stored traces (DIR/ablations.json)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id for token text (default: the run's model when known)")
+    p.add_argument(
+        "--ablations", action="store_true", help="first sweep TPD's M, tau and alpha on the stored traces (DIR/ablations.json)"
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory or hub id for token text (default: the run's model when known)"
+    )
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures (DIR/figures/*.png)")
     p.set_defaults(func=cmd_report)

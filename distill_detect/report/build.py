@@ -114,7 +114,7 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
             if has_labels:
                 doc["roc"] = D.roc_points(y[lab], s[lab])
             v = D.verdicts(np.where(finite, y, -2), np.where(finite, s, -np.inf))
-            for key, blk in v.items():
+            for blk in v.values():
                 # Threshold back in the method's own sign, for display ("TPD < 0.41").
                 blk["threshold_raw"] = blk["threshold"] if higher else -blk["threshold"]
             doc["verdicts"] = v
@@ -284,7 +284,9 @@ def write_report(out_dir, *, traces=None, tokenizer=None, figures: bool = True) 
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            warnings.warn("report: matplotlib is not installed, so no PNG figures (pip install 'distill-detect[plot]')", stacklevel=2)
+            warnings.warn(
+                "report: matplotlib is not installed, so no PNG figures (pip install 'distill-detect[plot]')", stacklevel=2
+            )
         else:
             from distill_detect.report.figures import write_figures
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Sequence
 
 import numpy as np
 
@@ -108,7 +107,7 @@ def histogram(values, groups: dict[str, np.ndarray], *, bins: int | None = None)
     finite = np.isfinite(v)
     fv = v[finite]
     if bins is None:
-        bins = int(np.clip(np.ceil(np.sqrt(max(fv.size, 1))) * 2, 10, 40))
+        bins = int(np.clip(np.ceil(1.5 * np.sqrt(max(fv.size, 1))), 8, 40))
     if fv.size == 0:
         edges = np.array([0.0, 1.0])
     elif fv.min() == fv.max():
@@ -177,7 +176,14 @@ def token_probability_histogram(trace_probs: Sequence[np.ndarray], labels: Seque
     """
     edges = np.linspace(0.0, 1.0, bins + 1)
     lab = np.asarray(labels, dtype=int)
-    out = {"edges": [float(e) for e in edges], "counts": {}, "fractions": {}, "tokens": {}, "questions": {}}
+    out = {
+        "edges": [float(e) for e in edges],
+        "counts": {},
+        "fractions": {},
+        "tokens": {},
+        "questions": {},
+        "longest": max((len(p) for p in trace_probs), default=0),
+    }
     for name, want in (("member", 1), ("nonmember", 0), ("unlabelled", -1)):
         sel = [np.asarray(p, dtype=np.float64) for p, lb in zip(trace_probs, lab) if lb == want]
         if not sel:

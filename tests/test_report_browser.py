@@ -1,0 +1,220 @@
+"""The report of a real run, opened from file:// in headless Chromium.
+
+A tiny random Llama (``tiny_dir``) generates 16 tokens for 6 member and 6 non-member
+questions through the real CLI (``run``, then ``report --ablations``); three member
+questions carry hostile markup. The page must load with no console error and no network
+request, show one row per question, reorder when sorted by TPD, open a row onto its
+tokens, filter, leave ``document.title`` alone and fire no dialog, and render a
+non-blank screenshot.
+
+Needs Debian's ``chromium`` and the ``playwright`` package (the system browser is used,
+nothing is downloaded); ``scripts/ci_browser.sh`` installs both. Without them the test
+is skipped, unless ``DISTILL_DETECT_REQUIRE_BROWSER=1`` (set by that script), where it
+fails instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+
+HOSTILE = [
+    "<script>document.title='pwned'</script> How many apples are left?",
+    '"><img src=x onerror="document.title=\'pwned\'"> What is 7 times 8?',
+    "</textarea><b>not bold</b> & what is 2 + 2?",
+]
+TITLE = "distill-detect report"
+N_PER_SIDE = 6
+MAX_NEW = 16
+
+
+def _chromium() -> str | None:
+    for cand in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if cand and (path := shutil.which(cand)):
+            return path
+    return None
+
+
+def _need_or_skip(reason: str):
+    if os.environ.get("DISTILL_DETECT_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason + " (DISTILL_DETECT_REQUIRE_BROWSER=1)")
+    pytest.skip(reason + "; run 'bash scripts/ci_browser.sh' to install it")
+
+
+@pytest.fixture(scope="session")
+def browser_path():
+    path = _chromium()
+    if path is None:
+        _need_or_skip("no chromium found")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _need_or_skip("the playwright package is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_report(tmp_path_factory, tiny_dir, browser_path):
+    """A report of a real run of the tiny model, built through the CLI."""
+    from distill_detect import cli
+
+    d = tmp_path_factory.mktemp("browser")
+    members = [{"id": f"m{i}", "question": f"Tom has {i + 3} apples and eats one. How many are left?"} for i in range(N_PER_SIDE)]
+    for i, text in enumerate(HOSTILE):
+        members[i]["question"] = text
+    nonmembers = [{"id": f"n{i}", "question": f"A train travels {10 * i + 5} km in an hour. How far in {i + 2} hours?"} for i in range(N_PER_SIDE)]
+    for name, rows in (("members.jsonl", members), ("nonmembers.jsonl", nonmembers)):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = d / "results"
+    added = "distill_detect.report" not in cli.EXTRA_COMMANDS
+    if added:  # until cli.py lists the module itself
+        cli.EXTRA_COMMANDS.append("distill_detect.report")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rc = cli.main(
+                [
+                    "run",
+                    "--model",
+                    str(tiny_dir),
+                    "--members",
+                    str(d / "members.jsonl"),
+                    "--nonmembers",
+                    str(d / "nonmembers.jsonl"),
+                    "--max-new-tokens",
+                    str(MAX_NEW),
+                    "--methods",
+                    "tpd,out_ppl,loss",
+                    "--bootstrap",
+                    "50",
+                    "--out",
+                    str(out),
+                ]
+            )
+            assert rc == 0
+            assert cli.main(["report", str(out), "--ablations", "--tokenizer", str(tiny_dir), "--no-figures"]) == 0
+    finally:
+        if added:
+            cli.EXTRA_COMMANDS.remove("distill_detect.report")
+    scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    return out / "report.html", scores
+
+
+@pytest.fixture(scope="session")
+def page_and_log(real_report, browser_path):
+    from playwright.sync_api import sync_playwright
+
+    html, _ = real_report
+    log = {"errors": [], "dialogs": [], "requests": []}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: log["errors"].append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: log["errors"].append(str(e)))
+        page.on("request", lambda r: log["requests"].append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+
+        def on_dialog(d):
+            log["dialogs"].append(d.message)
+            d.dismiss()
+
+        page.on("dialog", on_dialog)
+        page.goto(html.as_uri())
+        page.wait_for_selector("tr.q-row")
+        yield page, log
+        browser.close()
+
+
+def _ids(page) -> list[str]:
+    return page.locator("tr.q-row td.id").all_text_contents()
+
+
+def test_page_loads_cleanly_with_one_row_per_question(page_and_log, real_report):
+    page, log = page_and_log
+    _, scores = real_report
+    assert page.locator("tr.q-row").count() == 2 * N_PER_SIDE == len(scores)
+    assert sorted(_ids(page)) == sorted(r["id"] for r in scores)
+    for section in ("metrics", "roc", "scores", "tokprobs", "ablations", "questions"):
+        assert page.locator(f"section#{section}").count() == 1, section
+    assert page.locator("#roc svg path").count() >= 3
+    assert log["errors"] == [] and log["requests"] == []
+
+
+def test_sorting_by_tpd_reorders_the_rows(page_and_log, real_report):
+    page, _ = page_and_log
+    _, scores = real_report
+    before = _ids(page)
+    tpd = {r["id"]: r["tpd"] for r in scores}
+    expected = [r["id"] for r in sorted(scores, key=lambda r: r["tpd"])]  # stable: input order breaks ties
+    page.click('th[data-key="m:tpd"]')
+    after = _ids(page)
+    assert after == expected
+    if expected != before:
+        assert after != before
+    page.click('th[data-key="m:tpd"]')  # again: descending
+    desc = [tpd[i] for i in _ids(page)]
+    assert desc == sorted(desc, reverse=True)
+    page.click('th[data-key="index"]')
+    assert _ids(page) == before
+
+
+def test_opening_a_row_shows_its_tokens(page_and_log, real_report):
+    page, _ = page_and_log
+    row = page.locator("tr.q-row").first
+    qid = row.locator("td.id").text_content()
+    row.click()
+    detail = page.locator("tr.q-detail")
+    assert detail.count() == 1
+    toks = detail.locator(".tokens .tok")
+    assert 1 <= toks.count() <= MAX_NEW
+    title = toks.first.get_attribute("title")
+    assert "p = " in title and "TPD" in title
+    assert detail.locator(f'.tokens[data-qid="{qid}"]').count() == 1
+    row.click()
+    assert page.locator("tr.q-detail").count() == 0
+
+
+def test_hostile_questions_show_as_text_and_run_nothing(page_and_log):
+    page, log = page_and_log
+    page.click("#open-all")
+    assert page.locator("tr.q-detail").count() == 2 * N_PER_SIDE
+    shown = page.locator("tr.q-detail .detail-q").all_text_contents()
+    for text in HOSTILE:
+        assert text in shown
+    assert page.title() == TITLE and page.evaluate("document.title") == TITLE
+    assert page.locator("img").count() == 0 and page.locator("textarea").count() == 0 and page.locator("b").count() == 0
+    assert page.locator("script").count() == 2  # the data block and the page's own script
+    assert log["dialogs"] == [] and log["errors"] == []
+    page.click("#close-all")
+
+
+def test_filters(page_and_log):
+    page, _ = page_and_log
+    page.select_option("#flabel", "0")
+    assert page.locator("tr.q-row").count() == N_PER_SIDE
+    page.select_option("#flabel", "all")
+    page.fill("#fsearch", "pwned")
+    assert page.locator("tr.q-row").count() == 2
+    page.fill("#fsearch", "")
+    page.select_option("#level", "0.05")
+    page.select_option("#fverdict", "flag")
+    flagged = page.locator("tr.q-row").count()
+    page.select_option("#fverdict", "noflag")
+    assert flagged + page.locator("tr.q-row").count() == 2 * N_PER_SIDE
+    page.select_option("#fverdict", "all")
+    assert "FPR on non-members" in page.locator("#status").text_content()
+
+
+def test_screenshot_is_not_blank(page_and_log):
+    from PIL import Image
+
+    page, log = page_and_log
+    png = page.screenshot(full_page=True)
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    assert img.width >= 1000 and img.height > 1500
+    assert len(img.getcolors(maxcolors=1 << 20) or []) > 200
+    assert log["errors"] == []
