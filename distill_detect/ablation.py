@@ -39,30 +39,12 @@ TAUS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 ALPHAS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0)
 
 
-def _auc_ci(y: np.ndarray, s: np.ndarray, n_resamples: int, seed: int, confidence: float = 0.95) -> list[float]:
-    """``metrics.bootstrap_auc_ci`` with the same resamples, the AUCs computed all at once by ranks.
+def _auc_ci(y: np.ndarray, s: np.ndarray, n_resamples: int, seed: int) -> list[float]:
+    from distill_detect.metrics import bootstrap_auc_ci
 
-    The per-resample ``roc_auc_score`` calls dominate a sweep (22 points x 200 resamples);
-    here the resamples are drawn exactly as ``bootstrap_auc_ci`` draws them (same
-    generator, same order) and every AUC comes from one Mann-Whitney rank computation, so
-    the interval is the same to float rounding (tests compare the two).
-    """
-    from scipy.stats import rankdata
-
-    pos, neg = s[y == 1], s[y == 0]
-    if pos.size == 0 or neg.size == 0:
+    if not (0 < int(np.sum(y == 1)) < len(y)):
         return [math.nan, math.nan]
-    rng = np.random.default_rng(seed)
-    draws = np.empty((n_resamples, pos.size + neg.size))
-    for i in range(n_resamples):
-        draws[i, : pos.size] = rng.choice(pos, pos.size)
-        draws[i, pos.size :] = rng.choice(neg, neg.size)
-    ranks = rankdata(draws, axis=1)  # average ranks for ties, as the AUC's half credit
-    u = ranks[:, : pos.size].sum(axis=1) - pos.size * (pos.size + 1) / 2
-    aucs = u / (pos.size * neg.size)
-    a = (1 - confidence) / 2
-    lo, hi = np.quantile(aucs, [a, 1 - a])
-    return [float(lo), float(hi)]
+    return list(bootstrap_auc_ci(y, s, n_resamples=n_resamples, seed=seed))
 
 
 def _point(logprobs: list[np.ndarray], y: np.ndarray, params: dict, n_resamples: int, seed: int) -> dict:

@@ -18,7 +18,7 @@ from distill_detect import __version__
 from distill_detect.errors import ConfigError, DistillDetectError
 
 # Subcommands that live in their own modules: each module has add_cli(subparsers).
-EXTRA_COMMANDS: list[str] = []
+EXTRA_COMMANDS: list[str] = ["distill_detect.report"]
 
 EXAMPLES = {
     "generate": """example:
@@ -64,6 +64,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tpd-tokens", type=int, default=None, help="TPD budget M: first M generated tokens (default 300)")
     g.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE", help="any detector parameter, e.g. out_ppl.max_tokens=300")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC interval (default 1000)")
+    g.add_argument("--no-report", action="store_true", help="skip the HTML report and TPD ablations")
 
 
 def _reference_arg(p: argparse.ArgumentParser) -> None:
@@ -227,6 +228,7 @@ def cmd_score(args) -> int:
             log=_say,
         )
         traces, fp, counts = load_run_traces(args.run)
+        model_location = _run_model_location(args.run)
         if not traces:
             raise DistillDetectError(f"{args.run}: no traces stored yet; run 'distill-detect generate' first")
         missing = summarize_missing(counts["questions"], len(traces), args.run)
@@ -234,13 +236,16 @@ def cmd_score(args) -> int:
             warnings.warn(missing + " (scoring what is there)")
         source = {"run": str(Path(args.run).resolve()), "fingerprint": fp}
     else:
+        model_location = None
         from distill_detect.traceio import read_traces_jsonl
 
         traces = read_traces_jsonl(args.traces)
         source = {"traces": str(Path(args.traces).resolve())}
     _check_trace_needs(traces, resolved)
-    doc = score_and_write(traces, resolved, args.out, {"source": source, "methods": resolved}, n_resamples=args.bootstrap)
+    config = {"source": source, "methods": resolved, "model_location": model_location}
+    doc = score_and_write(traces, resolved, args.out, config, n_resamples=args.bootstrap)
     _print_result(doc, args.out, len(traces))
+    _finish_with_report(args, traces, resolved)
     return 0
 
 
@@ -317,9 +322,32 @@ def cmd_run(args) -> int:
         "limit": args.limit,
         "max_new_tokens": budget,
     }
+    config["model_location"] = _run_model_location(run_dir)
     doc = score_and_write(traces, resolved, args.out, config, n_resamples=args.bootstrap)
     _print_result(doc, args.out, len(traces))
+    _finish_with_report(args, traces, resolved)
     return 0
+
+
+def _run_model_location(run_dir):
+    from distill_detect.store import TraceStore
+
+    with TraceStore(run_dir) as st:
+        return (st.get_meta("model") or {}).get("location")
+
+
+def _finish_with_report(args, traces, resolved) -> None:
+    """TPD ablations (from the stored traces) and the HTML report, unless --no-report."""
+    if getattr(args, "no_report", False):
+        return
+    from distill_detect.report import write_report
+
+    labels = [t.label for t in traces]
+    if "tpd" in resolved and len(set(x for x in labels if x is not None)) == 2:
+        from distill_detect.ablation import tpd_ablation, write_ablations
+
+        write_ablations(args.out, tpd_ablation(traces, labels))
+    print(f"report: {write_report(args.out, traces=traces)}")
 
 
 def cmd_methods(args) -> int:

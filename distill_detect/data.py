@@ -95,7 +95,8 @@ def read_records(path) -> list[tuple[int, dict]]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     out = []
-    for i, line in enumerate(_open_text(path).splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() would also split inside a JSON string holding U+2028 etc.
+    for i, line in enumerate(_open_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

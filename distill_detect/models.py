@@ -149,12 +149,21 @@ def resolve_model(spec: str | None) -> ModelRef:
     raise ConfigError(f"--model {spec!r}: no such directory, and not a hub id of the form 'org/name'")
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and info logs (ours are the ones that count)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_hf(ref: ModelRef, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
     """Load (model, tokenizer) with transformers; errors name the cause and the fix."""
     from distill_detect.errors import require
 
     torch = require("torch", "hf", "The HF backend")
     transformers = require("transformers", "hf", "The HF backend")
+    quiet_transformers()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":

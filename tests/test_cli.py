@@ -29,6 +29,9 @@ def test_run_then_rescore_with_other_params_without_model(tmp_path, qfiles, tiny
     assert rc == 0
     table = capsys.readouterr().out
     assert "tpd" in table and "TPR@1%FPR" in table
+    # The run ends with the HTML report and TPD's ablations, computed from the stored traces.
+    assert f"report: {out / 'report.html'}" in table and (out / "report.html").stat().st_size > 10_000
+    assert json.loads((out / "ablations.json").read_text())
     rows = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and {r["label"] for r in rows} == {0, 1}
     assert all(set(r) == {"id", "label", "tpd"} for r in rows)
@@ -43,7 +46,7 @@ def test_run_then_rescore_with_other_params_without_model(tmp_path, qfiles, tiny
 
     # Rescoring with other hyperparameters reads the store only (no --model: nothing is loaded).
     out2 = tmp_path / "out2"
-    assert main(["score", "--run", str(out / "run"), "--out", str(out2), "--tpd-tokens", "5", "--tpd-alpha", "1.0", "--bootstrap", "50"]) == 0
+    assert main(["score", "--run", str(out / "run"), "--out", str(out2), "--tpd-tokens", "5", "--tpd-alpha", "1.0", "--bootstrap", "50", "--no-report"]) == 0
     from distill_detect.detectors.tpd import tpd_score
     from distill_detect.pipeline import load_run_traces
 
@@ -55,7 +58,7 @@ def test_run_then_rescore_with_other_params_without_model(tmp_path, qfiles, tiny
     # export -> score --traces gives the same scores as score --run.
     assert main(["export", str(out / "run"), "--out", str(tmp_path / "t.jsonl")]) == 0
     out3 = tmp_path / "out3"
-    assert main(["score", "--traces", str(tmp_path / "t.jsonl"), "--out", str(out3), "--bootstrap", "50"]) == 0
+    assert main(["score", "--traces", str(tmp_path / "t.jsonl"), "--out", str(out3), "--bootstrap", "50", "--no-report"]) == 0
     a = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (out3 / "scores.jsonl").read_text().splitlines()]
     assert [r["id"] for r in a] == [r["id"] for r in b]
@@ -99,7 +102,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, ne
 def test_one_class_and_empty_traces_warn_but_succeed(tmp_path, capsys):
     p = tmp_path / "t.jsonl"
     p.write_text('{"id": "a", "label": 1, "output_logprobs": []}\n{"id": "b", "label": 1, "output_logprobs": [-0.5]}\n')
-    assert main(["score", "--traces", str(p), "--out", str(tmp_path / "o"), "--bootstrap", "20"]) == 0
+    assert main(["score", "--traces", str(p), "--out", str(tmp_path / "o"), "--bootstrap", "20", "--no-report"]) == 0
     err = capsys.readouterr().err
     assert "1 of 2 traces have no generated tokens" in err and "NaN" in err
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())["methods"]["tpd"]

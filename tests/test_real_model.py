@@ -14,7 +14,7 @@ from distill_detect.cli import main
 def test_demo_style_run_on_the_embedded_model(tmp_path, default_dir, capsys):
     out = tmp_path / "demo"
     argv = ["run", "--members", "bundled:gsm8k_train_sample", "--nonmembers", "bundled:gsm8k_test"]
-    argv += ["--limit", "3", "--max-new-tokens", "16", "--batch-size", "6", "--out", str(out), "--bootstrap", "50"]
+    argv += ["--limit", "3", "--max-new-tokens", "16", "--batch-size", "6", "--out", str(out), "--bootstrap", "50", "--no-report"]
     assert main(argv) == 0
     assert "tpd" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())

@@ -67,7 +67,10 @@ def real_report(tmp_path_factory, tiny_dir, browser_path):
     members = [{"id": f"m{i}", "question": f"Tom has {i + 3} apples and eats one. How many are left?"} for i in range(N_PER_SIDE)]
     for i, text in enumerate(HOSTILE):
         members[i]["question"] = text
-    nonmembers = [{"id": f"n{i}", "question": f"A train travels {10 * i + 5} km in an hour. How far in {i + 2} hours?"} for i in range(N_PER_SIDE)]
+    nonmembers = [
+        {"id": f"n{i}", "question": f"A train travels {10 * i + 5} km in an hour. How far in {i + 2} hours?"}
+        for i in range(N_PER_SIDE)
+    ]
     for name, rows in (("members.jsonl", members), ("nonmembers.jsonl", nonmembers)):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = d / "results"
