@@ -18,7 +18,7 @@ from distill_detect import __version__
 from distill_detect.errors import ConfigError, DistillDetectError
 
 # Subcommands that live in their own modules: each module has add_cli(subparsers).
-EXTRA_COMMANDS: list[str] = ["distill_detect.report"]
+EXTRA_COMMANDS: list[str] = ["distill_detect.report", "distill_detect.distributed"]
 
 EXAMPLES = {
     "generate": """example:
@@ -48,6 +48,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="questions decoded together (default: 8)")
     g.add_argument("--max-new-tokens", type=int, default=1000, help="cap on generated tokens (default: 1000)")
     g.add_argument("--no-prompt-logprobs", action="store_true", help="skip question-token log-probs (only TPD/output methods)")
+
+
+def _scale_args(p: argparse.ArgumentParser, shard: bool = False) -> None:
+    """--base-url, --concurrency, --workers, --shard ... (backends/capabilities.py)."""
+    from distill_detect.backends.capabilities import add_backend_args
+
+    add_backend_args(p, shard=shard)
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
@@ -153,12 +160,12 @@ def _parse_params(args) -> tuple[list[str], dict[str, dict]]:
     return methods, resolved
 
 
-def _backend_factory(args):
+def _backend_factory(args, methods=None):
     def make():
         from distill_detect.backends import make_backend
+        from distill_detect.backends.capabilities import backend_kwargs
 
-        return make_backend(
-            args.backend,
+        common = dict(
             model=args.model,
             dtype=args.dtype,
             device=args.device,
@@ -166,11 +173,14 @@ def _backend_factory(args):
             prompt_logprobs=not args.no_prompt_logprobs,
             trust_remote_code=args.trust_remote_code,
         )
+        return make_backend(args.backend, **backend_kwargs(args.backend, args, common))
 
     from distill_detect.backends import get_backend_class
+    from distill_detect.backends.capabilities import checked_factory
 
     get_backend_class(args.backend)  # an unknown name fails before anything is loaded
-    return make
+    # Methods the backend cannot run are refused now, and again once it is up (a server's echo support).
+    return checked_factory(make, args, methods)
 
 
 def _load(path, args, label=None):
@@ -197,11 +207,11 @@ def _say(msg: str) -> None:
 
 
 def cmd_generate(args) -> int:
-    from distill_detect.pipeline import generate_run
+    from distill_detect.distributed import run_generation
 
     _check_gen_args(args)
     qs = _load(args.questions, args, label=args.label)
-    s = generate_run(qs, args.out, _backend_factory(args), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, log=_say)
+    s = run_generation(qs, args.out, _backend_factory(args), args, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, log=_say)
     rate = f", {s['tokens'] / s['seconds']:.1f} tok/s" if s["tokens"] else ""
     _say(f"{args.out}: {s['planned']} questions, {s['generated']} generated now ({s['tokens']} tokens{rate}), {s['already_done']} already stored")
     return 0
@@ -280,7 +290,8 @@ def cmd_export(args) -> int:
 
 def cmd_run(args) -> int:
     from distill_detect.data import combine_labelled
-    from distill_detect.pipeline import generate_run, load_run_traces, score_and_write
+    from distill_detect.distributed import run_generation
+    from distill_detect.pipeline import load_run_traces, score_and_write
     from distill_detect.scoring import generation_budget
 
     _check_gen_args(args)
@@ -292,7 +303,7 @@ def cmd_run(args) -> int:
     if budget < args.max_new_tokens:
         _say(f"the requested methods read at most {budget} generated tokens: decoding stops there")
     run_dir = Path(args.out) / "run"
-    s = generate_run(qs, run_dir, _backend_factory(args), max_new_tokens=budget, batch_size=args.batch_size, log=_say)
+    s = run_generation(qs, run_dir, _backend_factory(args, methods), args, max_new_tokens=budget, batch_size=args.batch_size, log=_say)
     if s["tokens"]:
         _say(f"generated {s['generated']} questions, {s['tokens']} tokens in {s['seconds']:.0f}s ({s['tokens'] / s['seconds']:.1f} tok/s)")
     wanted = {q.id for q in qs}
@@ -386,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, choices=(0, 1), default=None, help="label every question 1 (member) or 0 (non-member)")
     _input_args(p)
     _model_args(p)
+    _scale_args(p, shard=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("score", help="score stored traces with detectors; write scores.jsonl and metrics.json", epilog=EXAMPLES["score"], formatter_class=fmt)
@@ -408,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (the run is stored in OUT/run)")
     _input_args(p)
     _model_args(p)
+    _scale_args(p)
     _method_args(p)
     _reference_arg(p)
     p.set_defaults(func=cmd_run)

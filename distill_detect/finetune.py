@@ -489,7 +489,7 @@ def finetune(
         done = _read_json(out / MARKER)
         if done is not None and not overwrite:
             if done.get("run_key") == run_key:
-                if not config.keep_checkpoints:  # a kill while they were being removed
+                if not done.get("config", {}).get("keep_checkpoints", True):  # killed while removing them
                     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
                 _say(progress, f"{out} already holds this fine-tune (completed); nothing to do")
                 return out

@@ -9,6 +9,8 @@ from distill_detect.errors import ConfigError
 
 BACKENDS = {
     "hf": "distill_detect.backends.hf:HFBackend",
+    "openai": "distill_detect.backends.openai:OpenAIBackend",
+    "vllm": "distill_detect.backends.vllm:VLLMBackend",
 }
 
 

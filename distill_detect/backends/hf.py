@@ -23,6 +23,66 @@ from distill_detect.types import Question, Trace
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
+def _growing_cache(model, capacity: int):
+    """A transformers DynamicCache whose full-attention layers write into buffers sized once.
+
+    The stock dynamic layer concatenates every new key/value onto the whole cache, so each
+    decoding step copies the cache (quadratic in the length). Here each layer allocates
+    ``capacity`` positions at its first update and afterwards writes in place, handing the
+    attention a view of the filled part. Returns None (the model's own cache) where this
+    transformers has no such layer API, or the model uses other layer kinds.
+    """
+    try:
+        import torch
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            n_new = key_states.shape[-2]
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                b, h, _, d = key_states.shape
+                cap = max(capacity, n_new)
+                self._k = key_states.new_empty((b, h, cap, d))
+                self._v = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+                self._n = 0
+            end = self._n + n_new
+            if end > self._k.shape[-2]:  # past the planned capacity: grow (not expected)
+                grow = max(end, 2 * self._k.shape[-2])
+                self._k = torch.cat(
+                    [self._k[..., : self._n, :], self._k.new_empty(self._k.shape[:2] + (grow - self._n, self._k.shape[-1]))],
+                    dim=-2,
+                )
+                self._v = torch.cat(
+                    [self._v[..., : self._n, :], self._v.new_empty(self._v.shape[:2] + (grow - self._n, self._v.shape[-1]))],
+                    dim=-2,
+                )
+            self._k[..., self._n : end, :] = key_states
+            self._v[..., self._n : end, :] = value_states
+            self._n = end
+            self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+
+        def crop(self, tokens_to_remove):  # pragma: no cover - not used by greedy decoding
+            raise NotImplementedError
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # pragma: no cover - older signature
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None  # sliding-window or hybrid layers: keep the model's own cache
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
 class HFBackend(Backend):
     name = "hf"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
@@ -122,11 +182,32 @@ class HFBackend(Backend):
         var = (p * logp * logp).sum(-1) - mean * mean
         return logp, mean, var.clamp(min=0).sqrt()
 
+    def _emit(self, logits):
+        """Greedy step on last-position logits [n, V] -> (token, its log p, mean and std of log p under p).
+
+        One exponential pass: with z = x - max(x), e = exp(z) and S = sum(e), the emitted
+        (argmax) token has z = 0 so log p = -log S; E_p[log p] = E_p[z] - log S and the
+        variance of log p equals that of z, E_p[z^2] - E_p[z]^2. No [n, V] log-softmax is kept.
+        """
+        x = logits.float()
+        mx, tok = x.max(-1, keepdim=True)
+        z = x - mx
+        e = z.exp()
+        s = e.sum(-1)
+        ez = e * z
+        a = ez.sum(-1) / s
+        b = (ez * z).sum(-1) / s
+        lse = s.log()
+        return tok[:, 0], -lse, a - lse, (b - a * a).clamp(min=0).sqrt()
+
     def _cache_of(self, out):
         return getattr(out, self._cache_kw)
 
-    def _prompt_fields(self, logits, ids, prompts) -> list[dict]:
-        """Teacher-forced log-probs of each question's tokens from a left-padded prefill's logits."""
+    def _prompt_fields(self, logits, ids, prompts, first: int = 0) -> list[dict]:
+        """Teacher-forced log-probs of each question's tokens from a left-padded prefill's logits.
+
+        ``logits`` covers positions ``first`` .. L-1 of ``ids`` (the prefill may skip the rest).
+        """
         L = ids.shape[1]
         res = []
         for i, p in enumerate(prompts):
@@ -136,7 +217,7 @@ class HFBackend(Backend):
                 res.append({"prompt_ids": np.zeros(0, np.int32), "prompt_logprobs": np.zeros(0, np.float32)})
                 continue
             # Logits at position j predict token j + 1.
-            logp, mean, std = self._stats(logits[i, off + s - 1 : off + e - 1])
+            logp, mean, std = self._stats(logits[i, off + s - 1 - first : off + e - 1 - first])
             target = ids[i, off + s : off + e]
             lp = logp.gather(-1, target[:, None])[:, 0]
             res.append(
@@ -152,7 +233,9 @@ class HFBackend(Backend):
     def _check_length(self, q: Question, n: int) -> None:
         if self.context and n >= self.context:
             raise InputError(
-                q.id, f"prompt is {n} tokens, the model's context is {self.context}; shorten or drop this question", field="question"
+                q.id,
+                f"prompt is {n} tokens, the model's context is {self.context}; shorten or drop this question",
+                field="question",
             )
 
     # -- the interface ---------------------------------------------------------------------------
@@ -166,54 +249,67 @@ class HFBackend(Backend):
         B, L = ids.shape
         steps = max_new_tokens if not self.context else max(1, min(max_new_tokens, self.context - L))
         stop = torch.tensor(sorted(self.stop_ids), device=ids.device)
+        # The prefill projects onto the vocabulary only the positions read later: the last one, and
+        # with prompt log-probs the question spans (not the system turn and template before them).
+        first = L - 1
+        if self.want_prompt_logprobs:
+            spans = [(L - len(p.ids) + p.question_span[0] - 1) for p in prompts if p.question_span[1] > p.question_span[0]]
+            first = min([first, *spans])
+        padded = bool((mask == 0).any())
 
         with torch.inference_mode():
+            cache = _growing_cache(self.model, L + steps)
             out = self.model(
                 input_ids=ids,
-                attention_mask=mask,
+                attention_mask=mask if padded else None,
                 position_ids=pos,
                 use_cache=True,
-                logits_to_keep=0 if self.want_prompt_logprobs else 1,
+                logits_to_keep=L - first,
+                **({self._cache_kw: cache} if cache is not None else {}),
             )
             prompt_fields: list[dict] = [{} for _ in range(B)]
             if self.want_prompt_logprobs:
-                prompt_fields = self._prompt_fields(out.logits, ids, prompts)
+                prompt_fields = self._prompt_fields(out.logits, ids, prompts, first)
             last = out.logits[:, -1, :]
             cache = self._cache_of(out)
             del out
 
-            rows = list(range(B))  # batch row -> question index, shrinks as questions finish
-            toks: list[list[int]] = [[] for _ in range(B)]
-            lps: list[list[float]] = [[] for _ in range(B)]
-            means: list[list[float]] = [[] for _ in range(B)]
-            stds: list[list[float]] = [[] for _ in range(B)]
+            # Per-step results stay in preallocated tensors (row = question) until the end.
+            dev = ids.device
+            out_tok = torch.zeros((B, steps), dtype=torch.long, device=dev)
+            out_val = torch.zeros((3, B, steps), dtype=torch.float32, device=dev)  # log p, mean, std
+            n_tok = [steps] * B
+            rows = torch.arange(B, device=dev)  # batch row -> question index, shrinks as questions finish
             finish = ["length"] * B
-            cur_mask, cur_pos = mask, pos[:, -1]
+            full_mask = None
+            if padded:
+                full_mask = torch.ones((B, L + steps), dtype=mask.dtype, device=dev)
+                full_mask[:, :L] = mask
+            cur_pos = pos[:, -1]
             for step in range(steps):
-                logp, mean, std = self._stats(last)
-                nxt = last.argmax(-1)  # greedy; logits and log-softmax have the same argmax
-                lp = logp.gather(-1, nxt[:, None])[:, 0]
-                nxt_l, lp_l, mean_l, std_l = nxt.tolist(), lp.tolist(), mean.tolist(), std.tolist()
-                for r, qi in enumerate(rows):
-                    toks[qi].append(nxt_l[r])
-                    lps[qi].append(lp_l[r])
-                    means[qi].append(mean_l[r])
-                    stds[qi].append(std_l[r])
+                nxt, lp, mean, std = self._emit(last)
+                out_tok[rows, step] = nxt
+                out_val[:, rows, step] = torch.stack([lp, mean, std])
                 done = torch.isin(nxt, stop)
-                for r in done.nonzero()[:, 0].tolist():
-                    finish[rows[r]] = "stop"
-                if step == steps - 1 or bool(done.all()):
+                if step == steps - 1:
+                    for r in done.nonzero()[:, 0].tolist():
+                        finish[int(rows[r])] = "stop"
                     break
                 if bool(done.any()):
+                    for r in done.nonzero()[:, 0].tolist():
+                        qi = int(rows[r])
+                        finish[qi], n_tok[qi] = "stop", step + 1
+                    if bool(done.all()):
+                        break
                     keep = (~done).nonzero()[:, 0]
                     cache.batch_select_indices(keep)
-                    nxt, cur_mask, cur_pos = nxt[keep], cur_mask[keep], cur_pos[keep]
-                    rows = [rows[k] for k in keep.tolist()]
-                cur_mask = torch.cat([cur_mask, cur_mask.new_ones((cur_mask.shape[0], 1))], dim=1)
+                    nxt, cur_pos, rows = nxt[keep], cur_pos[keep], rows[keep]
+                    if full_mask is not None:
+                        full_mask = full_mask[keep]
                 cur_pos = cur_pos + 1
                 out = self.model(
                     input_ids=nxt[:, None],
-                    attention_mask=cur_mask,
+                    attention_mask=None if full_mask is None else full_mask[:, : L + step + 1],
                     position_ids=cur_pos[:, None],
                     use_cache=True,
                     **{self._cache_kw: cache},
@@ -221,18 +317,21 @@ class HFBackend(Backend):
                 last = out.logits[:, -1, :]
                 cache = self._cache_of(out)
 
+        toks_np, vals_np = out_tok.cpu().numpy(), out_val.cpu().numpy()
         traces = []
         for i, q in enumerate(questions):
+            n = n_tok[i]
+            tk = toks_np[i, :n]
             traces.append(
                 Trace(
                     id=q.id,
                     question=q.text,
                     label=q.label,
-                    output_ids=np.asarray(toks[i], np.int32),
-                    output_logprobs=np.asarray(lps[i], np.float32),
-                    output_mean_logp=np.asarray(means[i], np.float32),
-                    output_std_logp=np.asarray(stds[i], np.float32),
-                    output_text=self.tok.decode(toks[i], skip_special_tokens=True),
+                    output_ids=tk.astype(np.int32),
+                    output_logprobs=vals_np[0, i, :n],
+                    output_mean_logp=vals_np[1, i, :n],
+                    output_std_logp=vals_np[2, i, :n],
+                    output_text=self.tok.decode(tk.tolist(), skip_special_tokens=True),
                     finish_reason=finish[i],
                     max_new_tokens=max_new_tokens,
                     **prompt_fields[i],

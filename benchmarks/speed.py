@@ -1,0 +1,490 @@
+"""How fast greedy decoding with per-token log-probabilities runs here, against the usual peers.
+
+One run times, on the same model, prompts and machine:
+
+(a) naive HF: ``model.generate(do_sample=False, output_scores=True, return_dict_in_generate=True)``
+    followed by a log-softmax of every kept score (what most research code does);
+(b) this project's HF backend at batch 1, 8, 32 (and 64, to find the best batch);
+(c) llama.cpp through llama-cpp-python on the embedded GGUF, where it is installed:
+    its own greedy completion without log-probabilities, the same with its ``logprobs``
+    option, and this project's ``llamacpp`` backend.
+
+Each configuration runs in a fresh subprocess (so its peak RSS is its own); the parent
+measures the float32 matmul peak of this machine in the same run and writes
+``benchmarks/results/speed.md`` and ``speed.json``. Usage::
+
+    .venv/bin/python benchmarks/speed.py            # the full run (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/speed.py --quick    # smoke run: tiny budgets, seconds
+
+Tokens/s counts the tokens each question really generated (up to and including its
+end-of-turn token, at most the budget), the same count for every path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# -- the machine -----------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count()
+    return {
+        "cpu": cpu,
+        "simd": simd,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def matmul_peak(n: int = 2048, reps: int = 8) -> dict:
+    """Best float32 GFLOP/s of an n x n x n torch matmul over ``reps`` tries."""
+    import torch
+
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    c = torch.empty(n, n)
+    torch.mm(a, b, out=c)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return {"n": n, "gflops": 2 * n**3 / best / 1e9, "seconds": best}
+
+
+def flops_per_token(model_dir: str) -> dict:
+    """Multiply-adds of one decoded token, counted from the model's shapes.
+
+    dense: 2 x (weights of every linear map, the output head included), i.e. ~2 x params
+    for a model with tied embeddings; attention: 2 x 2 x layers x (heads x head_dim) per
+    token of context (scores and the weighted sum), added at the mean context length.
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    d, f, L_, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", hq) or hq
+    hd = getattr(cfg, "head_dim", None) or d // hq
+    per_layer = d * hq * hd + 2 * d * hkv * hd + hq * hd * d + 3 * d * f
+    linear = L_ * per_layer + V * d
+    return {"dense": 2 * linear, "attention_per_ctx_token": 4 * L_ * hq * hd, "linear_params": linear}
+
+
+# -- workers (one configuration per subprocess) ---------------------------------------------------
+
+
+def _questions(n: int):
+    from distill_detect.data import load_questions
+
+    qs = load_questions("bundled:gsm8k_test")
+    # Same order the pipeline uses (similar lengths together), for every path alike.
+    return sorted(qs[: max(n, 1)], key=lambda q: len(q.text))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _tokens_of(traces) -> int:
+    return int(sum(len(t["ids"]) for t in traces))
+
+
+def worker_naive(cfg: dict) -> dict:
+    """(a): generate(output_scores=True) then log-softmax of every score, batch by batch."""
+    import torch
+
+    from distill_detect.backends.hf import HFBackend
+    from distill_detect.prompts import build_prompt
+
+    be = HFBackend(cfg["model"], dtype=cfg.get("dtype", "float32"), device="cpu", prompt_logprobs=False)
+    model, tok = be.model, be.tok
+    stop = sorted(be.stop_ids)
+    qs = _questions(cfg["n"])
+    B, T = cfg["batch"], cfg["tokens"]
+
+    def run(batch_qs):
+        prompts = [build_prompt(tok, q.text) for q in batch_qs]
+        ids, mask, _ = be._left_pad([p.ids for p in prompts])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=T,
+                output_scores=True,
+                return_dict_in_generate=True,
+                eos_token_id=stop,
+                pad_token_id=be.pad_id,
+            )
+            gen = out.sequences[:, ids.shape[1] :]
+            logp = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1)  # [B, steps, V]
+            lp = logp.gather(-1, gen[:, :, None])[:, :, 0]
+        res = []
+        for r in range(gen.shape[0]):
+            row = gen[r].tolist()
+            n = len(row)
+            for j, t in enumerate(row):
+                if t in stop:
+                    n = j + 1
+                    break
+            res.append({"ids": row[:n], "lp": lp[r, :n].tolist()})
+        return res
+
+    run(qs[: min(B, 2)][:1])  # warm-up (one short question)
+    t0 = time.perf_counter()
+    traces = []
+    for i in range(0, len(qs), B):
+        traces += run(qs[i : i + B])
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tokens": _tokens_of(traces), "traces": traces, "ids": [q.id for q in qs]}
+
+
+def worker_hf(cfg: dict) -> dict:
+    """(b): this project's HF backend."""
+    import torch
+
+    from distill_detect.backends.hf import HFBackend
+
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    be = HFBackend(cfg["model"], dtype=cfg.get("dtype", "float32"), device="cpu", prompt_logprobs=cfg.get("prompt_logprobs", False))
+    qs = _questions(cfg["n"])
+    B, T = cfg["batch"], cfg["tokens"]
+    be.generate(qs[:1], max_new_tokens=4)  # warm-up
+    t0 = time.perf_counter()
+    traces = []
+    for i in range(0, len(qs), B):
+        for t in be.generate(qs[i : i + B], max_new_tokens=T):
+            traces.append({"ids": t.output_ids.tolist(), "lp": t.output_logprobs.tolist()})
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tokens": _tokens_of(traces), "traces": traces, "ids": [q.id for q in qs]}
+
+
+def worker_llamacpp(cfg: dict) -> dict:
+    """(c): llama.cpp. mode 'ours' = the llamacpp backend; 'plain'/'logprobs' = llama-cpp-python's
+    own greedy completion without/with its ``logprobs`` option, on the same prompt tokens."""
+    from distill_detect.backends.llamacpp import LlamaCppBackend
+
+    be = LlamaCppBackend(cfg.get("gguf") or "default", n_threads=cfg.get("threads"))
+    qs = _questions(cfg["n"])
+    B, T = cfg.get("batch", 1), cfg["tokens"]
+    mode = cfg["mode"]
+    if mode == "ours":
+        be.generate(qs[:1], max_new_tokens=4)  # warm-up
+        t0 = time.perf_counter()
+        traces = []
+        for i in range(0, len(qs), B):
+            for t in be.generate(qs[i : i + B], max_new_tokens=T):
+                traces.append({"ids": t.output_ids.tolist(), "lp": t.output_logprobs.tolist()})
+        dt = time.perf_counter() - t0
+        return {"seconds": dt, "tokens": _tokens_of(traces), "traces": traces, "ids": [q.id for q in qs]}
+
+    llm = be.llm
+    stop = sorted(be.stop_ids)
+
+    def complete(q, n_tok):
+        prompt = be.prompt_ids(q.text)
+        kw = {"logprobs": 1} if mode == "logprobs" else {}
+        llm.reset()
+        out = llm.create_completion(prompt, max_tokens=n_tok, temperature=0.0, top_k=1, stop=None, **kw)
+        n = int(out["usage"]["completion_tokens"])
+        if out["choices"][0]["finish_reason"] == "stop":
+            n += 1  # llama-cpp-python drops the end-of-turn token from the count; it was decoded
+        return n
+
+    complete(qs[0], 4)  # warm-up
+    t0 = time.perf_counter()
+    tokens = sum(complete(q, T) for q in qs)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tokens": tokens, "stop_ids": stop, "ids": [q.id for q in qs]}
+
+
+WORKERS = {"naive": worker_naive, "hf": worker_hf, "llamacpp": worker_llamacpp}
+
+
+def run_worker(cfg: dict) -> dict:
+    load0 = os.getloadavg()[0]
+    res = WORKERS[cfg["kind"]](cfg)
+    res["peak_rss_mb"] = _peak_rss_mb()
+    res["tok_s"] = res["tokens"] / res["seconds"] if res["seconds"] else 0.0
+    res["load1"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    import torch
+
+    res["torch_threads"] = torch.get_num_threads()
+    return res
+
+
+def spawn(cfg: dict, timeout: float) -> dict:
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
+        out_path = fh.name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg), "--worker-out", out_path]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
+        return json.loads(Path(out_path).read_text())
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    finally:
+        Path(out_path).unlink(missing_ok=True)
+
+
+# -- agreement between paths -------------------------------------------------------------------------
+
+
+def agreement(a: dict, b: dict) -> dict:
+    """Identical-token fraction over the common prefix, and max |d logprob| on the identical prefix."""
+    import numpy as np
+
+    same = total = exact = 0
+    max_d = 0.0
+    first_div = []
+    for x, y in zip(a["traces"], b["traces"]):
+        n = min(len(x["ids"]), len(y["ids"]))
+        ids_x, ids_y = np.asarray(x["ids"][:n]), np.asarray(y["ids"][:n])
+        diff = np.nonzero(ids_x != ids_y)[0]
+        k = int(diff[0]) if len(diff) else n  # identical prefix length
+        first_div.append(k)
+        same += int((ids_x == ids_y).sum())
+        total += n
+        exact += int(k == n and len(x["ids"]) == len(y["ids"]))
+        if k:
+            d = np.abs(np.asarray(x["lp"][:k], np.float64) - np.asarray(y["lp"][:k], np.float64))
+            max_d = max(max_d, float(d.max()))
+    return {
+        "questions": len(first_div),
+        "identical_sequences": exact,
+        "token_match_fraction": same / total if total else 1.0,
+        "identical_prefix_fraction": (sum(first_div) / total) if total else 1.0,
+        "min_identical_prefix": min(first_div) if first_div else 0,
+        "max_abs_dlogprob_on_identical_prefix": max_d,
+    }
+
+
+# -- the parent ------------------------------------------------------------------------------------------
+
+
+def _plan(quick: bool, has_llamacpp: bool, model_dir: str, gguf: str | None) -> list[dict]:
+    T = 12 if quick else 128
+    n_for = (lambda b: max(b, 2)) if quick else (lambda b: {1: 8, 8: 16, 32: 32, 64: 64}[b])
+    batches = [1, 8] if quick else [1, 8, 32]
+    plan = []
+    for b in batches:
+        plan.append({"name": f"naive_b{b}", "kind": "naive", "batch": b, "n": n_for(b), "tokens": T, "model": model_dir})
+        plan.append({"name": f"hf_b{b}", "kind": "hf", "batch": b, "n": n_for(b), "tokens": T, "model": model_dir})
+    if not quick:
+        plan.append({"name": "hf_b64", "kind": "hf", "batch": 64, "n": 64, "tokens": T, "model": model_dir})
+        plan.append(
+            {"name": "hf_b8_prompt_logprobs", "kind": "hf", "batch": 8, "n": 16, "tokens": T, "model": model_dir, "prompt_logprobs": True}
+        )
+        plan.append({"name": "hf_b1_bf16", "kind": "hf", "batch": 1, "n": 8, "tokens": T, "model": model_dir, "dtype": "bfloat16"})
+        plan.append({"name": "hf_b32_bf16", "kind": "hf", "batch": 32, "n": 32, "tokens": T, "model": model_dir, "dtype": "bfloat16"})
+    if has_llamacpp:
+        n = 2 if quick else 8
+        for mode in ("plain", "logprobs", "ours"):
+            plan.append({"name": f"llamacpp_{mode}_b1", "kind": "llamacpp", "mode": mode, "batch": 1, "n": n, "tokens": T, "gguf": gguf})
+        if not quick:
+            plan.append({"name": "llamacpp_ours_b8", "kind": "llamacpp", "mode": "ours", "batch": 8, "n": 16, "tokens": T, "gguf": gguf})
+    return plan
+
+
+def _fmt(x, nd=1):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def write_report(doc: dict, out_dir: Path) -> Path:
+    m, r = doc["machine"], doc["results"]
+    peak = doc["matmul_peak"]["gflops"]
+    fl = doc["flops_per_token"]
+    lines = [
+        "# Decoding speed: greedy tokens with per-token log-probabilities",
+        "",
+        f"Written by `benchmarks/speed.py{' --quick' if doc['quick'] else ''}` on {doc['date']}. Model: SmolLM2-135M-Instruct "
+        "(the embedded default; float32 safetensors dequantised from the Q4_1 GGUF for HF, the GGUF itself for llama.cpp). "
+        f"Prompts: the first questions of bundled:gsm8k_test in the model's chat template, sorted by length; budget "
+        f"{doc['tokens']} new tokens per question (fewer where the model ends its turn).",
+        "",
+        f"Machine: {m['cpu']} ({', '.join(m['simd'])}), {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+        f"Python {m['python']}. Load average at start {m['loadavg_start']}, at end {m['loadavg_end']} "
+        "(the machine was shared: numbers move with the load; each row shows the 1-minute load before and after it).",
+        "",
+        f"Matmul peak measured in this run: **{peak:.0f} GFLOP/s** (float32 {doc['matmul_peak']['n']}^3 torch.mm, best of 8). "
+        f"FLOPs counted per token: dense {fl['dense'] / 1e6:.0f} MFLOP (2 x every linear weight, output head included) "
+        f"+ attention {fl['attention_per_ctx_token'] / 1e3:.0f} kFLOP per context token.",
+        "",
+        "| path | batch | questions | tokens | tok/s | x naive (same batch) | peak RSS MB | % matmul peak | load before/after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, res in r.items():
+        if "error" in res:
+            lines.append(f"| {name} | | | | error: {res['error'][:80]} | | | | |")
+            continue
+        ratio = res.get("x_naive")
+        lines.append(
+            f"| {name} | {res['batch']} | {res['n']} | {res['tokens']} | {res['tok_s']:.1f} | {_fmt(ratio, 2) if ratio else '—'} "
+            f"| {res['peak_rss_mb']:.0f} | {_fmt(res.get('pct_peak'), 1)} | {res['load1'][0]}/{res['load1'][1]} |"
+        )
+    lines += ["", "## Agreement", ""]
+    for name, ag in doc["agreement"].items():
+        lines.append(
+            f"- {name}: {ag['identical_sequences']}/{ag['questions']} sequences identical; token match over the common prefix "
+            f"{ag['token_match_fraction']:.3f}, identical-prefix fraction {ag['identical_prefix_fraction']:.3f}; "
+            f"max |Δ logprob| on the identical prefix {ag['max_abs_dlogprob_on_identical_prefix']:.2e}"
+        )
+    if doc.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
+    path = out_dir / ("speed_quick.md" if doc["quick"] else "speed.md")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 12 tokens, two questions, batches 1 and 8")
+    ap.add_argument("--only", default=None, help="comma-separated configuration names to run (default: all)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for speed.md and speed.json")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds allowed per configuration")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        res = run_worker(json.loads(args.worker))
+        Path(args.worker_out).write_text(json.dumps(res))
+        return 0
+
+    from distill_detect.models import default_model_dir, find_default_gguf
+
+    model_dir = str(default_model_dir())
+    try:
+        import importlib.util
+
+        has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
+    except ValueError:  # pragma: no cover
+        has_llamacpp = False
+    gguf = str(find_default_gguf())
+    m = machine_info()
+    print(f"machine: {m}", flush=True)
+    peak = matmul_peak(1024 if args.quick else 2048)
+    print(f"matmul peak: {peak['gflops']:.1f} GFLOP/s", flush=True)
+    fl = flops_per_token(model_dir)
+    plan = _plan(args.quick, has_llamacpp, model_dir, gguf)
+    if args.only:
+        keep = set(args.only.split(","))
+        plan = [c for c in plan if c["name"] in keep]
+    results: dict[str, dict] = {}
+    traces: dict[str, dict] = {}
+    for cfg in plan:
+        print(f"running {cfg['name']} ...", flush=True)
+        res = spawn(cfg, args.timeout)
+        if "traces" in res:
+            traces[cfg["name"]] = {"traces": res.pop("traces"), "ids": res.get("ids")}
+        res.update({k: cfg[k] for k in ("batch", "n", "tokens")})
+        results[cfg["name"]] = res
+        if "error" in res:
+            print(f"  {cfg['name']}: ERROR {res['error']}", flush=True)
+        else:
+            print(f"  {cfg['name']}: {res['tokens']} tokens in {res['seconds']:.1f}s = {res['tok_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    # Context length for the attention FLOPs: prompt plus half the generation, on average (measured prompts).
+    mean_ctx = _mean_context(model_dir, max(c["n"] for c in plan) if plan else 1, plan[0]["tokens"] if plan else 0)
+    per_tok = fl["dense"] + fl["attention_per_ctx_token"] * mean_ctx
+    for name, res in results.items():
+        if "error" in res:
+            continue
+        res["pct_peak"] = 100.0 * res["tok_s"] * per_tok / (peak["gflops"] * 1e9)
+        if name.startswith("hf_b") and name[4:].isdigit():
+            base = results.get(f"naive_b{name[4:]}")
+            if base and "error" not in base and base["tok_s"]:
+                res["x_naive"] = res["tok_s"] / base["tok_s"]
+    agree = {}
+    for b in (1, 8, 32):
+        if f"naive_b{b}" in traces and f"hf_b{b}" in traces:
+            agree[f"hf_b{b} vs naive_b{b}"] = agreement(traces[f"hf_b{b}"], traces[f"naive_b{b}"])
+    if "hf_b1" in traces and "hf_b8" in traces:
+        n = len(traces["hf_b1"]["traces"])
+        agree["hf_b1 vs hf_b8 (first questions)"] = agreement(traces["hf_b1"], {"traces": traces["hf_b8"]["traces"][:n]})
+    for name in ("llamacpp_ours_b1", "llamacpp_ours_b8"):
+        ref = "hf_b1" if name.endswith("b1") else "hf_b8"
+        if name in traces and ref in traces:
+            agree[f"{name} (Q4_1 GGUF) vs {ref} (dequantised float32)"] = agreement(traces[name], traces[ref])
+    best = max((r for k, r in results.items() if k.startswith("hf_b") and "error" not in r and "bf16" not in k and "prompt" not in k),
+               key=lambda r: r["tok_s"], default=None)
+    notes = []
+    if best:
+        notes.append(f"best HF batch here: {best['batch']} at {best['tok_s']:.1f} tok/s = {best['pct_peak']:.1f}% of the measured matmul peak "
+                     f"(at a mean context of {mean_ctx:.0f} tokens: {per_tok / 1e6:.0f} MFLOP/token)")
+    lp, plain, ours = (results.get(f"llamacpp_{k}_b1") for k in ("logprobs", "plain", "ours"))
+    if plain and ours and "error" not in plain and "error" not in ours:
+        notes.append(f"llama.cpp: the llamacpp backend (with logprobs) runs at {100 * ours['tok_s'] / plain['tok_s']:.0f}% of llama-cpp-python's own "
+                     f"greedy completion without logprobs; its `logprobs` option runs at "
+                     f"{100 * lp['tok_s'] / plain['tok_s']:.0f}%" if lp and "error" not in lp else "")
+    m["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "quick": args.quick,
+        "tokens": plan[0]["tokens"] if plan else 0,
+        "machine": m,
+        "matmul_peak": peak,
+        "flops_per_token": {**fl, "mean_context": mean_ctx, "total_at_mean_context": per_tok},
+        "results": results,
+        "agreement": agree,
+        "notes": [n for n in notes if n],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("speed_quick.json" if args.quick else "speed.json")).write_text(json.dumps(doc, indent=1) + "\n")
+    path = write_report(doc, out)
+    print(path.read_text())
+    return 0
+
+
+def _mean_context(model_dir: str, n: int, tokens: int) -> float:
+    from transformers import AutoTokenizer
+
+    from distill_detect.prompts import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lens = [len(build_prompt(tok, q.text).ids) for q in _questions(n)]
+    return sum(lens) / len(lens) + tokens / 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

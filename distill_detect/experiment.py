@@ -1,0 +1,139 @@
+"""One distillation experiment, end to end: split, distil a student, generate, score, report.
+
+Shared by ``make demo`` (``distill_detect.demo``) and ``benchmarks/reproduce.py`` so both run
+the same protocol (PAPER.md): the paper's 80/20 split with a balanced evaluation set, a student
+fine-tuned on members' teacher responses (loss on the response only), one greedy generation
+pass from the student, the extra passes (lowercase, the base model as reference), every
+detector, the blind text baseline, TPD's ablations from the stored traces and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def hf_factory(model: str):
+    def make():
+        from distill_detect.backends.hf import HFBackend
+
+        return HFBackend(model, dtype="float32", device="cpu")
+
+    return make
+
+
+def student_experiment(
+    cfg: dict,
+    *,
+    seed: int,
+    work: Path,
+    methods: list[str],
+    pool_size: int,
+    max_new_tokens: int,
+    ft_overrides: dict | None = None,
+    report: bool = True,
+) -> dict:
+    """Split, fine-tune, generate, pass, score. Returns metrics, timings and the student's training record."""
+    import numpy as np
+
+    from distill_detect.blind import blind_scores
+    from distill_detect.data import load_questions, paper_split
+    from distill_detect.finetune import FinetuneConfig, finetune
+    from distill_detect.metrics import summarize
+    from distill_detect.models import resolve_model
+    from distill_detect.pipeline import generate_run, load_run_traces, run_passes, score_and_write
+    from distill_detect.scoring import resolve_methods, write_outputs
+
+    times: dict[str, float] = {}
+    allq = load_questions(cfg["data"], require_response=True)
+    rng = np.random.default_rng(seed)
+    pool = [allq[i] for i in sorted(rng.choice(len(allq), size=min(pool_size, len(allq)), replace=False))]
+    members, nonmembers, evaluation = paper_split(pool, seed=seed)
+    n = len(nonmembers)
+    train = members[:n] if cfg["train_on"] == "evaluated" else members
+    ft = {
+        "epochs": cfg["epochs"],
+        "learning_rate": cfg["learning_rate"],
+        "per_device_batch_size": cfg["batch_size"],
+        "max_seq_len": cfg["max_seq_len"],
+        "seed": seed,
+        **(ft_overrides or {}),
+    }
+    t = time.time()
+    student = work / "student"
+    say(f"fine-tuning on {len(train)} members ({ft}) -> {student}")
+    finetune(cfg["base"], train, student, FinetuneConfig(**ft), progress=True)
+    times["finetune_s"] = time.time() - t
+    record = json.loads((student / "distill_detect_finetune.json").read_text())
+
+    t = time.time()
+    run = work / "run"
+    say(f"generating {len(evaluation)} questions, {max_new_tokens} tokens each")
+    s = generate_run(
+        evaluation, run, hf_factory(str(student)), max_new_tokens=max_new_tokens, batch_size=cfg["gen_batch"], log=say
+    )
+    times["generate_s"] = time.time() - t
+    times["generated_tokens"] = s["tokens"]
+
+    t = time.time()
+    ref_model = resolve_model(cfg["base"])
+    run_passes(
+        run,
+        methods,
+        student_factory=hf_factory(str(student)),
+        reference_factory=hf_factory(ref_model.location),
+        reference_identity=ref_model.identity,
+        batch_size=cfg["gen_batch"],
+        log=say,
+    )
+    times["passes_s"] = time.time() - t
+
+    t = time.time()
+    traces, fp, _ = load_run_traces(run)
+    resolved = resolve_methods(methods)
+    out = work / "results"
+    config = {"source": {"run": str(run), "fingerprint": fp}, "methods": resolved, "model_location": str(student)}
+    doc = score_and_write(traces, resolved, out, config)
+    metrics = doc["methods"]
+    labels = [t.label for t in traces]
+    blind = blind_scores([t.question for t in traces], labels, seed=seed)
+    metrics["blind"] = {
+        **summarize(labels, blind),
+        "higher_is_member": True,
+        "params": {"model": "tfidf+logreg, 5-fold out-of-fold"},
+    }
+    # Rewrite the outputs with the blind baseline beside the detectors (it is not a per-trace detector).
+    write_outputs(out, traces, {**doc["_raw"], "blind": blind}, metrics, {**config, "blind": "model-free text classifier"})
+    ablations = None
+    if "tpd" in methods:
+        from distill_detect.ablation import tpd_ablation, write_ablations
+
+        ablations = tpd_ablation(traces, labels)
+        write_ablations(out, ablations)
+    if report:
+        from distill_detect.report import write_report
+
+        say(f"report: {write_report(out, traces=traces)}")
+    times["score_s"] = time.time() - t
+    return {
+        "metrics": metrics,
+        "ablations": ablations,
+        "times": times,
+        "train": record.get("train", {}),
+        "sizes": {
+            "pool": len(pool),
+            "members": len(members),
+            "nonmembers": n,
+            "trained_on": len(train),
+            "evaluated": len(evaluation),
+        },
+        "fingerprint": fp,
+        "traces": traces,
+        "out": str(out),
+    }
