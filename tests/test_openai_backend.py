@@ -45,6 +45,8 @@ class FakeState:
         self.no_logprobs = False
         self.not_greedy = False
         self.echo = True
+        self.tok = None  # set: echo the prompt in this tokenizer's tokens (else one token per character)
+        self.drop_first = False  # llama-cpp-python style: the first prompt token is not echoed
         self.lock = threading.Lock()
 
 
@@ -55,11 +57,17 @@ def _completion_body(state: FakeState, req: dict) -> dict:
         tops[2] = {" was": -0.01}
     if req.get("echo") and state.echo:
         prompt = req["prompt"]
-        # Echo the prompt as one token per character (first without a log-prob, as servers do).
-        pp = list(prompt)
+        # Echo the prompt (first token without a log-prob, as servers do); prompt token j gets log p = -0.01 * j.
+        if state.tok is not None:
+            pp = [state.tok.decode([i]) for i in state.tok(prompt, add_special_tokens=False)["input_ids"]]
+        else:
+            pp = list(prompt)
+        plp = [None] + [-0.01 * j for j in range(1, len(pp))]
+        if state.drop_first:
+            pp, plp = pp[1:], plp[1:]
         pieces = pp + pieces
-        lps = [None] + [-0.5] * (len(pp) - 1) + lps
-        tops = [None] + [{c: -0.5} for c in pp[1:]] + tops
+        lps = plp + lps
+        tops = [None if v is None else {c: v} for c, v in zip(pp, plp)] + tops
         text = prompt + "".join(PIECES)
     else:
         text = "".join(pieces)
@@ -209,6 +217,24 @@ def test_echo_gives_question_logprobs(fake, tok_dir):
         be.generate([Question(id="a", text="What is 2+2?")], max_new_tokens=8)
 
 
+@pytest.mark.parametrize("drop_first", [False, True])
+def test_echo_prompt_logprobs_aligned_to_local_tokens(fake, tok_dir, drop_first):
+    from distill_detect.prompts import build_prompt
+
+    be = _backend(fake, tok_dir)
+    fake.tok, fake.drop_first = be.tok, drop_first
+    q = Question(id="a", text="What is 2+2, exactly?")
+    [t] = be.generate([q], max_new_tokens=8)
+    p = build_prompt(be.tok, q.text)
+    s, e = p.question_span
+    assert t.prompt_ids.tolist() == p.ids[s:e]
+    np.testing.assert_allclose(t.prompt_logprobs, [-0.01 * j for j in range(s, e)], atol=1e-6)
+    np.testing.assert_allclose(t.output_logprobs, LOGPROBS, atol=1e-7)  # generated part split off correctly
+    assert t.output_text == "".join(PIECES)
+    [f] = be.score_prompts([q])
+    np.testing.assert_allclose(f["prompt_logprobs"], t.prompt_logprobs)
+
+
 def test_no_echo_server_means_no_prompt_capability(fake, tok_dir):
     fake.echo = False
     be = _backend(fake, tok_dir)
@@ -300,24 +326,24 @@ def test_backends_table(capsys):
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line and not line.startswith(("[", "'"))}
     header = rows.pop("method")
     col = {name: i for i, name in enumerate(header)}
-    cell = lambda m, b: " ".join(rows[m][col[b] :][:2]) if rows[m][col[b]] == "if" else rows[m][col[b]]  # noqa: E731
+    cell = lambda m, b: rows[m][col[b]]  # noqa: E731
     assert cell("tpd", "openai") == "yes" and cell("out_entropy", "openai") == "no" and cell("min_k_pp", "openai") == "no"
     assert cell("loss", "openai").startswith("if") and cell("tpd_ref", "openai").startswith("if")
     assert cell("loss", "vllm") == "yes" and cell("out_entropy", "vllm") == "no" and cell("out_entropy", "hf") == "yes"
     assert "echo" in out  # the condition for prompt log-probs is spelled out
 
 
-def _qfile(tmp_path):
-    f = tmp_path / "q.jsonl"
-    f.write_text("".join(json.dumps({"id": f"c{i}", "question": f"What is {i}+{i}?"}) + "\n" for i in range(3)))
+def _qfile(tmp_path, name="q", start=0):
+    f = tmp_path / f"{name}.jsonl"
+    f.write_text("".join(json.dumps({"id": f"c{i}", "question": f"What is {i}+{i}?"}) + "\n" for i in range(start, start + 3)))
     return f
 
 
 def test_cli_refuses_impossible_methods_before_any_request(fake, tok_dir, tmp_path, capsys):
     from distill_detect import cli
 
-    q = _qfile(tmp_path)
-    base = ["run", "--members", str(q), "--nonmembers", str(q), "--out", str(tmp_path / "o"), "--backend", "openai"]
+    m, n = _qfile(tmp_path, "m"), _qfile(tmp_path, "n", 3)
+    base = ["run", "--members", str(m), "--nonmembers", str(n), "--out", str(tmp_path / "o"), "--backend", "openai"]
     base += ["--base-url", fake.url, "--model", "fake-model", "--tokenizer", tok_dir]
     assert cli.main(base + ["--methods", "tpd,out_entropy"]) == 2
     assert "out_entropy" in capsys.readouterr().err and fake.requests == []  # refused by class: no request at all

@@ -91,3 +91,17 @@ def test_all_workers_failing_to_start_is_a_clear_error(cluster, tmp_path):
 
     with pytest.raises(DistillDetectError, match="no Ray worker could start"):
         generate_run_ray(QS[:2], tmp_path / "run", broken, max_new_tokens=MAX_NEW, workers=1)
+
+
+def test_cli_workers(cluster, tiny_dir, reference, tmp_path):
+    """--workers through the CLI: the backend factory (a closure over the parsed arguments) ships to the actors."""
+    import json
+
+    from distill_detect import cli
+
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"id": q.id, "question": q.text, "label": q.label}) + "\n" for q in QS))
+    args = ["generate", "--questions", str(qfile), "--out", str(tmp_path / "run"), "--model", str(tiny_dir)]
+    args += ["--dtype", "float32", "--device", "cpu", "--max-new-tokens", str(MAX_NEW), "--batch-size", "3", "--workers", "2"]
+    assert cli.main(args) == 0
+    _check_same(tmp_path / "run", reference)

@@ -121,7 +121,7 @@ def table(backends: dict[str, type], methods: list[str]) -> str:
             verdict, reason = support(backends[n], m)
             if verdict == "if":
                 k = notes.setdefault(f"{n}: {reason}", len(notes) + 1)
-                cells.append(f"if [{k}]")
+                cells.append(f"if[{k}]")
             else:
                 cells.append(verdict)
         lines.append(m.ljust(width) + "".join(c.ljust(col) for c in cells))
@@ -145,7 +145,7 @@ def cmd_backends(args) -> int:
     for line in broken:
         print(line)
     print(
-        "\n'yes': always; 'if [n]': when the condition holds (checked when the backend starts, before generating); 'no': never."
+        "\n'yes': always; 'if[n]': when the condition holds (checked when the backend starts, before generating); 'no': never."
     )
     return 0
 

@@ -210,7 +210,7 @@ class OpenAIBackend(Backend):
     def _probe_echo(self) -> bool:
         """Does the server echo the prompt with per-token log-probabilities? One tiny request."""
         try:
-            res = self._call(lambda: self._completion("Hi", max_tokens=1, echo=True))
+            res = self._call(lambda: self._completion("Hello, how are you today?", max_tokens=1, echo=True))
         except ServerError:
             return False
         lp = getattr(res.choices[0], "logprobs", None) if res.choices else None
@@ -459,13 +459,27 @@ def _only_choice(res, url: str):
 
 
 def _prompt_token_count(pieces: list[str], offsets, prompt_text: str, echoed_text: str) -> int:
-    """How many leading echoed tokens belong to the prompt (by character offsets, else by lengths)."""
+    """How many leading echoed tokens belong to the prompt.
+
+    The generated part of the echoed text is matched by the last pieces (exact when the
+    pieces are whole characters); otherwise the character offsets decide, else the piece
+    lengths counted from the start.
+
+    >>> _prompt_token_count(["Hi", " there", " you"], None, "Hi there", "Hi there you")
+    2
+    """
+    if echoed_text.startswith(prompt_text):
+        gen = echoed_text[len(prompt_text) :]
+        acc, k = "", 0
+        while k < len(pieces) and len(acc) < len(gen):
+            acc = pieces[len(pieces) - 1 - k] + acc
+            k += 1
+        if acc == gen:
+            return len(pieces) - k
     n_chars = len(prompt_text)
     if offsets and len(offsets) == len(pieces):
-        # The first token starting at or after the end of the prompt is the first generated one.
-        base = offsets[0] if echoed_text.startswith(prompt_text) is False else 0
         for i, off in enumerate(offsets):
-            if off - base >= n_chars:
+            if off - offsets[0] >= n_chars:
                 return i
         return len(pieces)
     total = 0
