@@ -18,7 +18,7 @@ from distill_detect import __version__
 from distill_detect.errors import ConfigError, DistillDetectError
 
 # Subcommands that live in their own modules: each module has add_cli(subparsers).
-EXTRA_COMMANDS: list[str] = ["distill_detect.report", "distill_detect.distributed"]
+EXTRA_COMMANDS: list[str] = ["distill_detect.finetune", "distill_detect.report", "distill_detect.distributed"]
 
 EXAMPLES = {
     "generate": """example:
