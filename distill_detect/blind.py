@@ -12,7 +12,7 @@ drawn at random from one pool, as the paper's protocol does, should give about 0
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

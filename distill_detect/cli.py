@@ -18,7 +18,12 @@ from distill_detect import __version__
 from distill_detect.errors import ConfigError, DistillDetectError
 
 # Subcommands that live in their own modules: each module has add_cli(subparsers).
-EXTRA_COMMANDS: list[str] = ["distill_detect.finetune", "distill_detect.report", "distill_detect.distributed"]
+EXTRA_COMMANDS: list[str] = [
+    "distill_detect.finetune",
+    "distill_detect.report",
+    "distill_detect.distributed",
+    "distill_detect.audit_cli",
+]
 
 EXAMPLES = {
     "generate": """example:
@@ -39,7 +44,9 @@ Run the same command again after an interruption: finished questions are kept, t
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="default", help="local HF checkpoint directory, hub id, or 'default' (embedded SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model", default="default", help="local HF checkpoint directory, hub id, or 'default' (embedded SmolLM2-135M-Instruct)"
+    )
     g.add_argument("--backend", default="hf", help="generation backend (default: hf)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -69,7 +76,13 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tpd-tau", type=float, default=None, help="TPD probability threshold tau in (0, 1] (default 1.0)")
     g.add_argument("--tpd-alpha", type=float, default=None, help="TPD exponent alpha > 0 (default 0.6)")
     g.add_argument("--tpd-tokens", type=int, default=None, help="TPD budget M: first M generated tokens (default 300)")
-    g.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE", help="any detector parameter, e.g. out_ppl.max_tokens=300")
+    g.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="any detector parameter, e.g. out_ppl.max_tokens=300",
+    )
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC interval (default 1000)")
     g.add_argument("--no-report", action="store_true", help="skip the HTML report and TPD ablations")
 
@@ -117,7 +130,9 @@ def _student_factory_from_run(run_dir, fingerprint: dict | None):
         from distill_detect.backends import make_backend
 
         if not where.get("location"):
-            raise DistillDetectError(f"{run_dir} does not record where its model came from; use 'distill-detect run' to compute these methods")
+            raise DistillDetectError(
+                f"{run_dir} does not record where its model came from; use 'distill-detect run' to compute these methods"
+            )
         return make_backend(
             where.get("backend") or "hf",
             model=where["location"],
@@ -187,7 +202,22 @@ def _load(path, args, label=None):
     from distill_detect.data import load_questions
 
     qs = load_questions(path, field=args.field, id_field=args.id_field, label=label)
-    return qs[: args.limit] if args.limit else qs
+    qs = qs[: args.limit] if args.limit else qs
+    # Which file each question came from: an error found later (e.g. too long for the model) names file and line.
+    vars(args).setdefault("_sources", {}).update((q.id, path) for q in qs)
+    return qs
+
+
+def _locate(exc: DistillDetectError, args) -> DistillDetectError:
+    """An InputError about one question (its path is the question id) re-aimed at the input file and line."""
+    from distill_detect.data import question_line
+    from distill_detect.errors import InputError
+
+    src = getattr(args, "_sources", {}).get(getattr(exc, "path", None))
+    if not isinstance(exc, InputError) or exc.line is not None or src is None:
+        return exc
+    line = question_line(src, exc.path, field=args.field, id_field=args.id_field)
+    return InputError(src, f"question {exc.path!r}: {exc.problem}", line=line, field=exc.field)
 
 
 def _check_gen_args(args) -> None:
@@ -211,9 +241,13 @@ def cmd_generate(args) -> int:
 
     _check_gen_args(args)
     qs = _load(args.questions, args, label=args.label)
-    s = run_generation(qs, args.out, _backend_factory(args), args, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, log=_say)
+    s = run_generation(
+        qs, args.out, _backend_factory(args), args, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, log=_say
+    )
     rate = f", {s['tokens'] / s['seconds']:.1f} tok/s" if s["tokens"] else ""
-    _say(f"{args.out}: {s['planned']} questions, {s['generated']} generated now ({s['tokens']} tokens{rate}), {s['already_done']} already stored")
+    _say(
+        f"{args.out}: {s['planned']} questions, {s['generated']} generated now ({s['tokens']} tokens{rate}), {s['already_done']} already stored"
+    )
     return 0
 
 
@@ -274,7 +308,9 @@ def _print_result(doc, out_dir, n: int) -> None:
         print(format_table(doc["methods"]))
     else:
         print(f"{n} questions scored (no labels, so no metrics)")
-    print(f"\nscores: {Path(out_dir) / 'scores.jsonl'}" + (f"\nmetrics: {Path(out_dir) / 'metrics.json'}" if doc["methods"] else ""))
+    print(
+        f"\nscores: {Path(out_dir) / 'scores.jsonl'}" + (f"\nmetrics: {Path(out_dir) / 'metrics.json'}" if doc["methods"] else "")
+    )
 
 
 def cmd_export(args) -> int:
@@ -284,7 +320,10 @@ def cmd_export(args) -> int:
     with TraceStore(args.run) as store:
         n = write_traces_jsonl(args.out, store.traces())
         total = store.counts()["questions"]
-    _say(f"wrote {n} traces to {args.out}" + (f" ({total - n} of {total} planned questions not generated yet)" if n < total else ""))
+    _say(
+        f"wrote {n} traces to {args.out}"
+        + (f" ({total - n} of {total} planned questions not generated yet)" if n < total else "")
+    )
     return 0
 
 
@@ -298,14 +337,20 @@ def cmd_run(args) -> int:
     methods, resolved = _parse_params(args)
     members = _load(args.members, args)
     nonmembers = _load(args.nonmembers, args)
-    qs = combine_labelled(members, nonmembers, members_path=args.members, nonmembers_path=args.nonmembers)
+    qs = combine_labelled(
+        members, nonmembers, members_path=args.members, nonmembers_path=args.nonmembers, field=args.field, id_field=args.id_field
+    )
     budget = generation_budget(resolved, args.max_new_tokens)
     if budget < args.max_new_tokens:
         _say(f"the requested methods read at most {budget} generated tokens: decoding stops there")
     run_dir = Path(args.out) / "run"
-    s = run_generation(qs, run_dir, _backend_factory(args, methods), args, max_new_tokens=budget, batch_size=args.batch_size, log=_say)
+    s = run_generation(
+        qs, run_dir, _backend_factory(args, methods), args, max_new_tokens=budget, batch_size=args.batch_size, log=_say
+    )
     if s["tokens"]:
-        _say(f"generated {s['generated']} questions, {s['tokens']} tokens in {s['seconds']:.0f}s ({s['tokens'] / s['seconds']:.1f} tok/s)")
+        _say(
+            f"generated {s['generated']} questions, {s['tokens']} tokens in {s['seconds']:.0f}s ({s['tokens'] / s['seconds']:.1f} tok/s)"
+        )
     wanted = {q.id for q in qs}
     from distill_detect.pipeline import run_passes
 
@@ -391,7 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="greedy-decode questions with per-token log-probs into a resumable run", epilog=EXAMPLES["generate"], formatter_class=fmt)
+    p = sub.add_parser(
+        "generate",
+        help="greedy-decode questions with per-token log-probs into a resumable run",
+        epilog=EXAMPLES["generate"],
+        formatter_class=fmt,
+    )
     p.add_argument("--questions", required=True, help="JSONL/CSV/TSV/Parquet file, or bundled:NAME")
     p.add_argument("--out", required=True, help="run directory (created; resumable)")
     p.add_argument("--label", type=int, choices=(0, 1), default=None, help="label every question 1 (member) or 0 (non-member)")
@@ -400,7 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     _scale_args(p, shard=True)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("score", help="score stored traces with detectors; write scores.jsonl and metrics.json", epilog=EXAMPLES["score"], formatter_class=fmt)
+    p = sub.add_parser(
+        "score",
+        help="score stored traces with detectors; write scores.jsonl and metrics.json",
+        epilog=EXAMPLES["score"],
+        formatter_class=fmt,
+    )
     p.add_argument("--run", help="run directory written by 'generate'")
     p.add_argument("--traces", help="traces JSONL (the format 'export' writes)")
     p.add_argument("--out", required=True, help="output directory")
@@ -409,12 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="batch size of extra model passes (lowercase, reference)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("export", help="write a run's traces as JSONL (works on unfinished runs)", epilog=EXAMPLES["export"], formatter_class=fmt)
+    p = sub.add_parser(
+        "export", help="write a run's traces as JSONL (works on unfinished runs)", epilog=EXAMPLES["export"], formatter_class=fmt
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="generate + score members against non-members in one go", epilog=EXAMPLES["run"], formatter_class=fmt)
+    p = sub.add_parser(
+        "run", help="generate + score members against non-members in one go", epilog=EXAMPLES["run"], formatter_class=fmt
+    )
     p.add_argument("--members", required=True, help="questions known to be in the distillation data")
     p.add_argument("--nonmembers", required=True, help="questions known not to be")
     p.add_argument("--out", required=True, help="output directory (the run is stored in OUT/run)")
@@ -452,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     except DistillDetectError as exc:
         if args.debug:
             raise
-        print(f"distill-detect: error: {exc}", file=sys.stderr)
+        print(f"distill-detect: error: {_locate(exc, args)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         if args.debug:
@@ -462,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. piped into head
         return 0
+    except OSError as exc:  # a full disk or a permission problem the code above did not word itself
+        if args.debug:
+            raise
+        where = exc.filename or getattr(args, "out", None) or getattr(args, "dir", None)
+        where = f" {where}" if where else ""
+        print(f"distill-detect: error: could not read or write{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     finally:
         warnings.showwarning = old
 

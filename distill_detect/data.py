@@ -14,6 +14,7 @@ physical line, header = line 1; for Parquet the row number, first row = 1) and t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -204,7 +205,7 @@ def load_questions(
     first_line, first = recs[0]
     if field not in first:
         where = "column" if first.get("__csv__") else "field"
-        have = ", ".join(k for k in first if k != "__csv__")
+        have = ", ".join(k if k.isprintable() else repr(k) for k in first if k != "__csv__")  # one line, whatever the keys
         raise InputError(name, f"missing {where} '{field}' (found: {have}); choose one with --field", line=first_line, field=field)
     for line, rec in recs:
         from_csv = bool(rec.get("__csv__"))
@@ -243,18 +244,52 @@ def load_questions(
     return out
 
 
-def combine_labelled(members: list[Question], nonmembers: list[Question], *, members_path="members", nonmembers_path="nonmembers") -> list[Question]:
-    """Label two question lists 1/0 and refuse overlaps (same id or same text in both)."""
+def question_line(path, qid: str, *, field: str = "question", id_field: str = "id") -> int | None:
+    """Line of question ``qid`` in ``path`` (as ``load_questions`` numbers it), for error messages; None if absent."""
+    try:
+        recs = read_records(path)
+    except InputError:
+        return None
+    for line, rec in recs:
+        raw = rec.get(id_field)
+        if raw is None or (rec.get("__csv__") and str(raw).strip() == ""):
+            text = rec.get(field)
+            if isinstance(text, str) and text_id(text) == qid:
+                return line
+        elif str(raw) == qid:
+            return line
+    return None
+
+
+def combine_labelled(
+    members: list[Question],
+    nonmembers: list[Question],
+    *,
+    members_path="members",
+    nonmembers_path="nonmembers",
+    field: str = "question",
+    id_field: str = "id",
+) -> list[Question]:
+    """Label two question lists 1/0 and refuse overlaps (same id or same text in both).
+
+    The error names the non-members file and the line of the overlapping question
+    (``field``/``id_field`` as given to ``load_questions``).
+    """
     from dataclasses import replace
 
     m_ids = {q.id for q in members}
     m_text = {q.text.strip(): q.id for q in members}
     for q in nonmembers:
+        if q.id in m_ids or q.text.strip() in m_text:
+            line = question_line(nonmembers_path, q.id, field=field, id_field=id_field)
         if q.id in m_ids:
-            raise InputError(nonmembers_path, f"id {q.id!r} is also in the members file {members_path}", field="id")
+            raise InputError(nonmembers_path, f"id {q.id!r} is also in the members file {members_path}", line=line, field=id_field)
         if q.text.strip() in m_text:
             raise InputError(
-                nonmembers_path, f"question {q.id!r} has the same text as member {m_text[q.text.strip()]!r} in {members_path}", field="question"
+                nonmembers_path,
+                f"question {q.id!r} has the same text as member {m_text[q.text.strip()]!r} in {members_path}",
+                line=line,
+                field=field,
             )
     return [replace(q, label=1) for q in members] + [replace(q, label=0) for q in nonmembers]
 
@@ -286,12 +321,17 @@ def write_jsonl(path, rows) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave no partial file behind (the target is untouched)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def questions_to_rows(questions: list[Question]) -> list[dict]:

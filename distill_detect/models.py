@@ -170,19 +170,29 @@ def load_hf(ref: ModelRef, *, dtype: str = "auto", device: str = "auto", trust_r
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    import safetensors
+
+    # A truncated or corrupt weights file (e.g. an interrupted copy) raises this, not OSError.
+    bad_weights = getattr(safetensors, "SafetensorError", OSError)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(ref.location, trust_remote_code=trust_remote_code)
+        # use_safetensors: pickled *.bin weights are never loaded (no pickle anywhere).
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            ref.location, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            ref.location, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, bad_weights) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if ref.identity.get("hub_id"):
             raise DistillDetectError(
                 f"could not load {ref.spec!r} from the Hugging Face hub ({msg}). Without network access, "
                 "download it elsewhere and pass the local directory to --model, or omit --model for the embedded default"
             ) from None
-        raise DistillDetectError(f"could not load the model from {ref.location} ({msg})") from None
+        if isinstance(exc, bad_weights) and not isinstance(exc, (OSError, ValueError)):
+            msg = f"a weights file is truncated or corrupt: {msg}"
+        raise DistillDetectError(
+            f"could not load the model from {ref.location} ({msg}). --model needs a complete checkpoint directory: "
+            "config.json, the tokenizer files and *.safetensors weights (pickled .bin weights are not loaded)"
+        ) from None
     except torch.OutOfMemoryError:  # pragma: no cover - needs a big model
         raise DistillDetectError(
             f"out of memory loading {ref.spec!r} as {dtype}; try --dtype bfloat16, a smaller model, or the vllm backend with tensor parallelism"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill_detect.errors import DistillDetectError
 from distill_detect.store import TraceStore
 from distill_detect.types import Question
 
@@ -64,13 +65,20 @@ def generate_run(
             try:
                 for i in range(0, len(todo), batch_size):
                     batch = todo[i : i + batch_size]
-                    traces = backend.generate(batch, max_new_tokens=max_new_tokens)
+                    try:
+                        traces = backend.generate(batch, max_new_tokens=max_new_tokens)
+                    except Exception as exc:
+                        if not is_out_of_memory(exc):
+                            raise
+                        raise out_of_memory_error(summary, store.dir, len(batch), max_new_tokens) from None
                     store.put_traces(traces)
                     summary["generated"] += len(batch)
                     summary["tokens"] += sum(t.num_tokens for t in traces)
                     bar.update(len(batch))
                     bar.set_postfix(tok_s=f"{summary['tokens'] / max(bar.format_dict['elapsed'], 1e-9):.1f}")
             except KeyboardInterrupt:
+                # Count from the store: a Ctrl-C just after a commit must not under-report that batch.
+                summary["generated"] = len(store.complete_ids(max_new_tokens) & {q.id for q in todo})
                 raise GenerationInterrupted(summary, store.dir) from None
             finally:
                 bar.close()
@@ -78,6 +86,20 @@ def generate_run(
         return summary
     finally:
         store.close()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, MPS, XPU), or a RuntimeError that says 'out of memory' (older torch, vLLM)."""
+    return type(exc).__name__ == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def out_of_memory_error(summary: dict, run_dir, batch: int, max_new_tokens: int) -> DistillDetectError:
+    done = summary["already_done"] + summary["generated"]
+    return DistillDetectError(
+        f"out of memory generating a batch of {batch} questions with up to {max_new_tokens} new tokens; "
+        f"{done} of {summary['planned']} questions are stored in {run_dir}. Run the same command again with a smaller "
+        f"--batch-size (e.g. {max(1, batch // 2)}) or a lower --max-new-tokens to resume"
+    )
 
 
 class GenerationInterrupted(KeyboardInterrupt):

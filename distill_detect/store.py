@@ -191,15 +191,25 @@ class TraceStore:
             raise DistillDetectError(f"{self.path}: {exc}") from None
         try:
             yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as exc:
+            # SQLite may have rolled back already (a full disk does that): a failed ROLLBACK must not hide the cause.
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise DistillDetectError(self._write_failed(exc)) from None
             raise
         try:
             self.db.execute("COMMIT")
         except sqlite3.OperationalError as exc:  # e.g. disk full: the transaction is rolled back, the store stays valid
             with contextlib.suppress(sqlite3.OperationalError):
                 self.db.execute("ROLLBACK")
-            raise DistillDetectError(f"could not write to {self.path} ({exc}); nothing from this batch was stored") from None
+            raise DistillDetectError(self._write_failed(exc)) from None
+
+    def _write_failed(self, exc) -> str:
+        return (
+            f"could not write to {self.path} ({exc}); nothing from this batch was stored, earlier batches are intact. "
+            "Free disk space (or fix permissions) and run the same command again to resume"
+        )
 
     # -- questions -------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ Optional:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from distill_detect.data import read_records
-from distill_detect.errors import InputError
+from distill_detect.errors import DistillDetectError, InputError
 from distill_detect.types import Trace
 
 _LOGPROB_FIELDS = ("output_logprobs", "prompt_logprobs")
@@ -63,16 +64,25 @@ def write_traces_jsonl(path, traces: Iterable[Trace]) -> int:
     import os
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for t in traces:
-            fh.write(json.dumps(trace_to_dict(t), ensure_ascii=False) + "\n")
-            n += 1
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for t in traces:
+                fh.write(json.dumps(trace_to_dict(t), ensure_ascii=False) + "\n")
+                n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # e.g. a full disk: leave no partial file behind (the target is untouched)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            blocked = path.parent.exists() and not path.parent.is_dir()
+            why = f"{path.parent} is not a directory" if blocked else exc.strerror or exc
+            raise DistillDetectError(f"cannot write {path}: {why}") from None
+        raise
     return n
 
 

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -408,6 +409,9 @@ def _free_port() -> int:
 
 
 def start_server(port: int) -> subprocess.Popen:
+    """Start llama-cpp-python's server on 127.0.0.1:port; its log goes to a file (a full pipe would block it)."""
+    import tempfile
+
     from distill_detect.models import find_default_gguf
 
     cmd = [
@@ -416,18 +420,20 @@ def start_server(port: int) -> subprocess.Popen:
         "--host", "127.0.0.1", "--port", str(port),
         "--n_ctx", "1024", "--n_threads", "1", "--logits_all", "true", "--verbose", "false",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 60
+    log = tempfile.NamedTemporaryFile(prefix="llama_server_", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.log_path = log.name
+    deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"llama_cpp.server exited: {Path(log.name).read_text()[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return proc
         except OSError:
             time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("llama_cpp.server did not start within 60 s")
+    raise RuntimeError(f"llama_cpp.server did not start within 90 s: {Path(log.name).read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def _check_same(run, reference):
     for t in traces:
         r = reference[t.id]
         np.testing.assert_array_equal(t.output_ids, r.output_ids)
-        np.testing.assert_allclose(t.output_logprobs, r.output_logprobs, atol=1e-5)
+        np.testing.assert_allclose(t.output_logprobs, r.output_logprobs, atol=1e-4)  # the stated batch tolerance
     return fp
 
 

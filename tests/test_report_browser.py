@@ -74,36 +74,29 @@ def real_report(tmp_path_factory, tiny_dir, browser_path):
     for name, rows in (("members.jsonl", members), ("nonmembers.jsonl", nonmembers)):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = d / "results"
-    added = "distill_detect.report" not in cli.EXTRA_COMMANDS
-    if added:  # until cli.py lists the module itself
-        cli.EXTRA_COMMANDS.append("distill_detect.report")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rc = cli.main(
-                [
-                    "run",
-                    "--model",
-                    str(tiny_dir),
-                    "--members",
-                    str(d / "members.jsonl"),
-                    "--nonmembers",
-                    str(d / "nonmembers.jsonl"),
-                    "--max-new-tokens",
-                    str(MAX_NEW),
-                    "--methods",
-                    "tpd,out_ppl,loss",
-                    "--bootstrap",
-                    "50",
-                    "--out",
-                    str(out),
-                ]
-            )
-            assert rc == 0
-            assert cli.main(["report", str(out), "--ablations", "--tokenizer", str(tiny_dir), "--no-figures"]) == 0
-    finally:
-        if added:
-            cli.EXTRA_COMMANDS.remove("distill_detect.report")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli.main(
+            [
+                "run",
+                "--model",
+                str(tiny_dir),
+                "--members",
+                str(d / "members.jsonl"),
+                "--nonmembers",
+                str(d / "nonmembers.jsonl"),
+                "--max-new-tokens",
+                str(MAX_NEW),
+                "--methods",
+                "tpd,out_ppl,loss",
+                "--bootstrap",
+                "50",
+                "--out",
+                str(out),
+            ]
+        )
+        assert rc == 0
+        assert cli.main(["report", str(out), "--ablations", "--tokenizer", str(tiny_dir), "--no-figures"]) == 0
     scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     return out / "report.html", scores
 

@@ -402,16 +402,20 @@ class OpenAIBackend(Backend):
         s, e = prompt.question_span
         if e <= s:
             return {"prompt_ids": np.zeros(0, np.int32), "prompt_logprobs": np.zeros(0, np.float32)}
-        local = [self.tok.decode([i], skip_special_tokens=False) for i in prompt.ids]
-        # Servers differ on whether a BOS token is echoed: find the shift that lines the question up.
-        for d in (len(pieces) - len(local), 0, 1, -1):
-            if 0 <= s + d and e + d <= len(pieces) and pieces[s + d : e + d] == local[s:e]:
-                vals = values[s + d : e + d]
+        target = [self.tok.decode([i], skip_special_tokens=False) for i in prompt.ids[s:e]]
+        # Servers do not echo every prompt token alike (llama-cpp-python drops the first token and every BOS,
+        # and renders other special tokens as ''), so locate the question's own tokens: the last place where
+        # the echoed pieces spell them token by token.
+        n = len(target)
+        for k in range(len(pieces) - n, -1, -1):
+            if pieces[k : k + n] == target:
+                vals = values[k : k + n]
                 if all(v is not None for v in vals):
                     return {
                         "prompt_ids": np.asarray(prompt.ids[s:e], np.int32),
                         "prompt_logprobs": np.asarray([float(v) for v in vals], np.float32),
                     }
+                break
         raise DistillDetectError(
             f"question {q.id!r}: the server tokenised the prompt differently from the local tokenizer, so the question's "
             "tokens cannot be located; pass --tokenizer with the served model's own tokenizer, or --no-prompt-logprobs"

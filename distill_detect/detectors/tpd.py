@@ -20,13 +20,17 @@ from distill_detect.detectors.checks import need_array
 from distill_detect.errors import ConfigError
 
 
+def _real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_tpd_params(*, tau: float, alpha: float, max_tokens: int) -> None:
-    """Raise ConfigError naming the parameter when a value is outside TPD's domain."""
-    if not (0.0 < float(tau) <= 1.0):
+    """Raise ConfigError naming the parameter when a value is outside TPD's domain (or not a number at all)."""
+    if not (_real(tau) and 0.0 < float(tau) <= 1.0):
         raise ConfigError(f"TPD tau must be in (0, 1], got {tau!r} (the paper uses 1.0)")
-    if not float(alpha) > 0.0 or not np.isfinite(float(alpha)):
+    if not (_real(alpha) and float(alpha) > 0.0 and np.isfinite(float(alpha))):
         raise ConfigError(f"TPD alpha must be a positive number, got {alpha!r} (the paper uses 0.6)")
-    if int(max_tokens) != max_tokens or int(max_tokens) < 1:
+    if not (_real(max_tokens) and np.isfinite(float(max_tokens)) and int(max_tokens) == max_tokens and max_tokens >= 1):
         raise ConfigError(f"TPD max_tokens (M) must be an integer >= 1, got {max_tokens!r} (the paper uses 300)")
 
 

@@ -56,6 +56,29 @@ def _load_traces(config: dict, out_dir: Path):
     return None, "the results do not say where the traces are"
 
 
+def _read_audit(out_dir: Path) -> dict | None:
+    """The audit section's data from ``DIR/audit.json`` (written by ``distill-detect audit``), or None.
+
+    Per-question rows are sorted most member-like first (smallest p-value).
+    """
+    path = out_dir / "audit.json"
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"report: {path} is not readable JSON ({exc}); the audit section is left out", stacklevel=3)
+        return None
+    keep = ("verdict", "contaminated", "n_bench", "n_ref", "fdr", "alpha", "n_flagged", "min_flaggable", "min_pvalue")
+    keep += ("dataset_test", "fraction", "method", "params", "higher_is_member", "benchmark", "reference", "model", "notes")
+    out = {k: doc.get(k) for k in keep}
+    rows = doc.get("questions") or []
+    out["questions"] = sorted(rows, key=lambda r: (r.get("pvalue", 1.0), -(r.get("score") or 0.0)))
+    out["source"] = doc.get("source")
+    out["created"], out["package_version"] = doc.get("created"), doc.get("package_version")
+    return out
+
+
 def _tpd_params(metrics_doc: dict) -> dict:
     m = (metrics_doc.get("methods") or {}).get("tpd") or {}
     params = m.get("params") or ((metrics_doc.get("config") or {}).get("methods") or {}).get("tpd") or {}
@@ -81,6 +104,12 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
     metrics_path = out_dir / "metrics.json"
     metrics_doc = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
     config = metrics_doc.get("config") or {}
+    audit = _read_audit(out_dir)
+    if audit:
+        # An audit directory has no metrics.json: its audit.json says where the traces are.
+        src = audit.pop("source", None)
+        if not config.get("source") and src:
+            config = {**config, "source": src, "created": audit.get("created"), "package_version": audit.get("package_version")}
     for m in metrics_doc.get("methods") or {}:
         if m not in methods:
             methods.append(m)
@@ -122,6 +151,8 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
 
     # -- tokens --------------------------------------------------------------------------------------
     tpd = _tpd_params(metrics_doc)
+    if audit and audit.get("method") == "tpd" and not metrics_doc:
+        tpd = {**TPD_DEFAULTS, **(audit.get("params") or {})}
     M, tau = int(tpd["max_tokens"]), float(tpd["tau"])
     trace_note = "traces given by the caller"
     if traces is None:
@@ -214,6 +245,7 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
             },
             "token_hist": D.token_probability_histogram(first_probs, first_labels) if first_probs else None,
             "ablations": ablations,
+            "audit": audit,
             "levels": list(D.FPR_LEVELS),
         }
     )

@@ -166,6 +166,71 @@
   }
   app.appendChild(stats);
 
+  // -- audit (DIR/audit.json from 'distill-detect audit') ----------------------------------------------
+  const AU = DATA.audit;
+  if (AU) {
+    addToc("audit", "Audit");
+    const s = section(
+      "audit",
+      "Audit: is this benchmark contaminated?",
+      "Benchmark questions (labels unknown) against reference questions known not to be in the distillation data. Per question: a conformal p-value of “unseen”; flags by Benjamini–Hochberg at the chosen false-discovery rate. Whole benchmark: a one-sided Mann–Whitney test and Storey's estimate of the contaminated share."
+    );
+    s.appendChild(el("p", { class: "audit-verdict" + (AU.contaminated ? " yes" : ""), id: "audit-verdict", text: AU.verdict || "" }));
+    const cards = el("div", { class: "stats" });
+    function card(k, v, sub) {
+      cards.appendChild(el("div", { class: "stat" }, [el("div", { class: "k", text: k }), el("div", { class: "v", text: v }), sub ? el("div", { class: "s", text: sub }) : null]));
+    }
+    const D = AU.dataset_test || {}, F = AU.fraction || {};
+    const pv = (p) => (!isNum(p) ? "–" : p >= 0.001 ? String(+p.toPrecision(2)) : p.toExponential(0));
+    card("dataset test p", pv(D.pvalue), "one-sided Mann–Whitney; contaminated iff p < " + AU.alpha);
+    card("AUC bench vs reference", fmt(D.auc), "0.5 = indistinguishable");
+    const ci = F.ci && isNum(F.ci[0]) ? (100 * (F.confidence || 0.95)).toFixed(0) + "% CI " + (100 * F.ci[0]).toFixed(0) + "–" + (100 * F.ci[1]).toFixed(0) + "%" : "";
+    card("contaminated share", isNum(F.estimate) ? (100 * F.estimate).toFixed(0) + "%" : "–", (ci ? ci + "; " : "") + "a lower bound");
+    card("flagged", String(AU.n_flagged) + " of " + AU.n_bench, "at FDR " + +(100 * AU.fdr).toFixed(2) + "%; none or ≥ " + AU.min_flaggable);
+    const ref = AU.reference || {};
+    card("reference", String(AU.n_ref), ref.kind === "perturbed" ? "perturbed from the benchmark" : "known-unseen questions");
+    s.appendChild(cards);
+    const bits = [];
+    if (AU.method) bits.push("method: " + AU.method + " (" + Object.keys(AU.params || {}).map((k) => k + "=" + AU.params[k]).join(", ") + ")");
+    if (AU.benchmark && AU.benchmark.source) bits.push("benchmark: " + AU.benchmark.source);
+    if (ref.source) bits.push("reference: " + ref.source);
+    if (AU.model) bits.push("model: " + AU.model);
+    s.appendChild(el("div", { class: "meta" }, bits.map((b) => el("span", { text: b }))));
+    for (const n of AU.notes || []) s.appendChild(el("p", { class: "note", text: "• " + n }));
+
+    const byId = {};
+    for (const q of questions) byId[q.id] = q;
+    const rows = AU.questions || [];
+    const head = el("tr", null, ["rank", "id", "flagged", "p-value", "BH q-value", "score (" + AU.method + ")", "question"].map((t, i) => el("th", { class: i >= 3 && i <= 5 ? "num" : i === 0 ? "num" : "", text: t })));
+    const body = el("tbody");
+    const SHOW = 500;
+    rows.slice(0, SHOW).forEach((r, i) => {
+      const q = byId[r.id];
+      body.appendChild(
+        el("tr", { class: r.flagged ? "flagged" : "" }, [
+          el("td", { class: "num", text: String(i + 1) }),
+          el("td", { class: "id", text: r.id, title: r.id }),
+          el("td", null, [r.flagged ? el("span", { class: "badge flag", text: "flagged" }) : el("span", { class: "badge noflag", text: "–" })]),
+          el("td", { class: "num", text: pv(r.pvalue) }),
+          el("td", { class: "num", text: pv(r.qvalue) }),
+          el("td", { class: "num", text: fmtScore(r.raw_score != null ? r.raw_score : r.score) }),
+          el("td", { class: "qtext-cell", text: q && q.text ? q.text.replace(/\s+/g, " ") : "–", title: (q && q.text) || "" }),
+        ])
+      );
+    });
+    s.appendChild(el("div", { class: "tablewrap audit-table" }, [el("table", { class: "questions audit", id: "audit-table" }, [el("thead", null, [head]), body])]));
+    s.appendChild(
+      el("p", {
+        class: "note",
+        text:
+          "Benchmark questions, most member-like first" + (rows.length > SHOW ? " (first " + SHOW + " of " + rows.length + "; all in audit_questions.csv)" : "") +
+          ". The p-value is (1 + reference questions scoring at least as member-like) / (reference size + 1), so the smallest possible value is " + pv(AU.min_pvalue) +
+          ". Scores in the method's own sign. Reference questions appear in the table below as non-members; benchmark questions as unlabelled.",
+      })
+    );
+    app.appendChild(s);
+  }
+
   // -- metrics table -------------------------------------------------------------------------------------
   {
     addToc("metrics", "Metrics");
