@@ -189,21 +189,18 @@ class TraceStore:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise DistillDetectError(f"{self.path}: {exc}") from None
+        # COMMIT inside the same try: a Ctrl-C landing between the body and the COMMIT cannot leave the
+        # transaction open (it is rolled back, or was already committed and the ROLLBACK is a no-op).
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException as exc:
             # SQLite may have rolled back already (a full disk does that): a failed ROLLBACK must not hide the cause.
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
+            if isinstance(exc, sqlite3.OperationalError):  # e.g. disk full: nothing of this transaction is kept
                 raise DistillDetectError(self._write_failed(exc)) from None
             raise
-        try:
-            self.db.execute("COMMIT")
-        except sqlite3.OperationalError as exc:  # e.g. disk full: the transaction is rolled back, the store stays valid
-            with contextlib.suppress(sqlite3.OperationalError):
-                self.db.execute("ROLLBACK")
-            raise DistillDetectError(self._write_failed(exc)) from None
 
     def _write_failed(self, exc) -> str:
         return (

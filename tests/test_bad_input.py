@@ -65,7 +65,7 @@ QUESTION_FILES = [
     ("empty question", "q.jsonl", b'{"question": "a"}\n{"question": " \\t "}\n', 2, "question", "empty question"),
     ("empty csv cell", "q.csv", b"id,question\n1,a\n2,\n", 3, "question", "empty question"),
     (
-        "duplicate id, other text",
+        "duplicate id other text",
         "q.jsonl",
         b'{"id": "a", "question": "x"}\n{"id": "b", "question": "y"}\n{"id": "a", "question": "z"}\n',
         3,
@@ -83,7 +83,9 @@ QUESTION_FILES = [
 ]
 
 
-@pytest.mark.parametrize("name, fname, content, line, field, problem", QUESTION_FILES, ids=[c[0] for c in QUESTION_FILES])
+@pytest.mark.parametrize(
+    "name, fname, content, line, field, problem", QUESTION_FILES, ids=[c[0].replace(" ", "-") for c in QUESTION_FILES]
+)
 def test_bad_question_file_is_one_line_and_writes_nothing(tmp_path, capsys, name, fname, content, line, field, problem):
     p = tmp_path / fname
     if callable(content):
@@ -145,7 +147,7 @@ TRACE_LINES = [
 ]
 
 
-@pytest.mark.parametrize("name, line, field, problem", TRACE_LINES, ids=[c[0] for c in TRACE_LINES])
+@pytest.mark.parametrize("name, line, field, problem", TRACE_LINES, ids=[c[0].replace(" ", "-") for c in TRACE_LINES])
 def test_bad_traces_file_is_one_line(tmp_path, capsys, name, line, field, problem):
     """NaN in output_logprobs and the rest of the trace checks at library level: tests/test_cli.py, tests/test_traceio.py."""
     p = tmp_path / "t.jsonl"
@@ -156,24 +158,24 @@ def test_bad_traces_file_is_one_line(tmp_path, capsys, name, line, field, proble
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize(
-    "flags, problem",
-    [
-        (["--tpd-tau", "0"], "TPD tau must be in (0, 1], got 0.0"),
-        (["--tpd-tau", "-0.5"], "TPD tau must be in (0, 1], got -0.5"),
-        (["--tpd-tau", "nan"], "TPD tau must be in (0, 1], got nan"),
-        (["--tpd-alpha", "-1"], "TPD alpha must be a positive number, got -1.0"),
-        (["--tpd-alpha", "nan"], "TPD alpha must be a positive number, got nan"),
-        (["--tpd-alpha", "inf"], "TPD alpha must be a positive number, got inf"),
-        (["--tpd-tokens", "-3"], "TPD max_tokens (M) must be an integer >= 1, got -3"),
-        (["--param", "tpd.max_tokens=2.5"], "TPD max_tokens (M) must be an integer >= 1, got 2.5"),
-        (["--param", "tpd.tau=0"], "TPD tau must be in (0, 1], got 0"),
-        (["--param", "tpd.tau=abc"], "TPD tau must be in (0, 1], got 'abc'"),
-        (["--param", "tpd.max_tokens=1e999"], "TPD max_tokens (M) must be an integer >= 1, got inf"),
-        (["--param", "tpd.alpha=true"], "TPD alpha must be a positive number, got True"),
-        (["--methods", "tpd,min_kk"], "unknown method 'min_kk'. Did you mean 'min_k'"),
-    ],
-)
+TPD_FLAGS = [
+    (["--tpd-tau", "0"], "TPD tau must be in (0, 1], got 0.0"),
+    (["--tpd-tau", "-0.5"], "TPD tau must be in (0, 1], got -0.5"),
+    (["--tpd-tau", "nan"], "TPD tau must be in (0, 1], got nan"),
+    (["--tpd-alpha", "-1"], "TPD alpha must be a positive number, got -1.0"),
+    (["--tpd-alpha", "nan"], "TPD alpha must be a positive number, got nan"),
+    (["--tpd-alpha", "inf"], "TPD alpha must be a positive number, got inf"),
+    (["--tpd-tokens", "-3"], "TPD max_tokens (M) must be an integer >= 1, got -3"),
+    (["--param", "tpd.max_tokens=2.5"], "TPD max_tokens (M) must be an integer >= 1, got 2.5"),
+    (["--param", "tpd.tau=0"], "TPD tau must be in (0, 1], got 0"),
+    (["--param", "tpd.tau=abc"], "TPD tau must be in (0, 1], got 'abc'"),
+    (["--param", "tpd.max_tokens=1e999"], "TPD max_tokens (M) must be an integer >= 1, got inf"),
+    (["--param", "tpd.alpha=true"], "TPD alpha must be a positive number, got True"),
+    (["--methods", "tpd,min_kk"], "unknown method 'min_kk'. Did you mean 'min_k'"),
+]
+
+
+@pytest.mark.parametrize("flags, problem", TPD_FLAGS, ids=[" ".join(f) for f, _ in TPD_FLAGS])
 def test_out_of_range_tpd_parameters_name_the_parameter(tmp_path, capsys, flags, problem):
     """Boundaries not in tests/test_cli.py::test_user_errors_are_one_line_exit_2 (tau 1.5, alpha 0, M 0, 'tdp')."""
     p = tmp_path / "t.jsonl"

@@ -288,6 +288,7 @@ def _last_pid(log: Path) -> int:
         ("rows:4", 3),  # batch 2 half written (1 of its 3 rows)
         ("after_commit:2", 6),  # just after batch 2 is committed
     ],
+    ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_kill_9_at_a_named_moment_then_the_same_command_completes(tools, reference, tmp_path, fault, committed):
     qfile, run, log = _qfile(tmp_path / "q.jsonl"), tmp_path / "run", tmp_path / "gen.log"
@@ -571,6 +572,7 @@ def _partial_checkpoint(tiny_dir, dest: Path, *, weights: str | None) -> Path:
         (None, "no file named model.safetensors"),
         ("truncated", "a weights file is truncated or corrupt"),
     ],
+    ids=["no-weights", "truncated-weights"],
 )
 def test_checkpoint_with_missing_or_truncated_weights(tiny_dir, tmp_path, capsys, weights, needle):
     model = _partial_checkpoint(tiny_dir, tmp_path / "ckpt", weights=weights)

@@ -91,6 +91,7 @@ def test_every_format_round_trips_any_questions(rows, fname):
     assert got == [Question(id=i, text=t, label=lab) for i, t, lab in rows]
 
 
+@pytest.mark.filterwarnings("ignore:.*exact duplicate:UserWarning")  # duplicates are allowed input
 @FAST
 @given(st.binary(max_size=400), st.sampled_from(["q.jsonl", "q.csv", "q.json", "q.tsv"]))
 def test_any_bytes_load_or_give_a_one_line_input_error(data, fname):
@@ -116,6 +117,7 @@ JSON_VALUE = st.one_of(
 RECORD = st.dictionaries(st.sampled_from(["id", "question", "label", "response", "note", "a\nb"]), JSON_VALUE, max_size=5)
 
 
+@pytest.mark.filterwarnings("ignore:.*exact duplicate:UserWarning")  # duplicates are allowed input
 @FAST
 @given(st.lists(RECORD, min_size=1, max_size=6))
 def test_any_json_records_load_or_give_a_one_line_input_error(recs):

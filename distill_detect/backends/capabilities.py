@@ -144,9 +144,7 @@ def cmd_backends(args) -> int:
     print(table(classes, list(REGISTRY)))
     for line in broken:
         print(line)
-    print(
-        "\n'yes': always; 'if[n]': when the condition holds (checked when the backend starts, before generating); 'no': never."
-    )
+    print("\n'yes': always; 'if[n]': when the condition holds (checked when the backend starts, before generating); 'no': never.")
     return 0
 
 

@@ -34,6 +34,11 @@ likely at each step. If it emitted another one (llama.cpp's default ``repeat_pen
 of 1.1 does that), the trace is not a greedy trace of the raw model and is refused with
 the fix (``extra_body={"repeat_penalty": 1.0}``).
 
+Reproducibility: a server's numbers can depend on its history. llama-cpp-python reuses the
+evaluated prefix of the previous request (the shared system prompt), and its quantised
+kernels round differently for other batch splits: the same request gave log-probs up to
+0.14 apart in our tests (tokens identical). vLLM's prefix caching has the same effect.
+
 Transient failures (HTTP 408/409/429/5xx, timeouts, dropped connections, truncated or
 malformed JSON bodies) are retried with capped exponential backoff and jitter; other
 errors (400, 401, 404) fail at once. The API key is read from an environment variable
