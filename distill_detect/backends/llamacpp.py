@@ -358,7 +358,9 @@ class LlamaCppBackend(Backend):
                     owners.append((i, j))
                 if len(entries) == _N_BATCH:
                     flush()
-        flush()
+            # One sequence per call: llama.cpp's kernels depend on how many tokens a call holds, so a
+            # prompt is always cut the same way whatever else is in the batch.
+            flush()
         return res
 
     def _check_length(self, q: Question, n: int) -> None:
