@@ -126,33 +126,49 @@ def _tokens_of(traces) -> int:
 
 
 def worker_naive(cfg: dict) -> dict:
-    """(a): generate(output_scores=True) then log-softmax of every score, batch by batch."""
+    """(a): generate(output_scores=True) then log-softmax of every score, batch by batch.
+
+    The model is loaded plainly (models.load_hf), without anything this project's backend adds."""
     import torch
 
-    from distill_detect.backends.hf import HFBackend
+    from distill_detect.backends.hf import _END_OF_TURN
+    from distill_detect.models import load_hf, resolve_model
     from distill_detect.prompts import build_prompt
 
-    be = HFBackend(cfg["model"], dtype=cfg.get("dtype", "float32"), device="cpu", prompt_logprobs=False)
-    model, tok = be.model, be.tok
-    stop = sorted(be.stop_ids)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    model, tok, _, _ = load_hf(resolve_model(cfg["model"]), dtype=cfg.get("dtype", "float32"), device="cpu")
+    # The same stop tokens as the backend: EOS ids and the end-of-turn tokens the vocabulary has.
+    stops: set[int] = set()
+    for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        stops.update([src] if isinstance(src, int) else (src or []))
+    vocab = tok.get_vocab()
+    stops.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    stop = sorted(stops)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     qs = _questions(cfg["n"])
     B, T = cfg["batch"], cfg["tokens"]
 
-    def run(batch_qs):
-        prompts = [build_prompt(tok, q.text) for q in batch_qs]
-        ids, mask, _ = be._left_pad([p.ids for p in prompts])
+    def run(batch_qs, n_new):
+        enc = [build_prompt(tok, q.text).ids for q in batch_qs]
+        L = max(len(e) for e in enc)
+        ids = torch.full((len(enc), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), L), dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, L - len(e) :] = torch.tensor(e)
+            mask[i, L - len(e) :] = 1
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 do_sample=False,
-                max_new_tokens=T,
+                max_new_tokens=n_new,
                 output_scores=True,
                 return_dict_in_generate=True,
                 eos_token_id=stop,
-                pad_token_id=be.pad_id,
+                pad_token_id=pad,
             )
-            gen = out.sequences[:, ids.shape[1] :]
+            gen = out.sequences[:, L:]
             logp = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1)  # [B, steps, V]
             lp = logp.gather(-1, gen[:, :, None])[:, :, 0]
         res = []
@@ -163,16 +179,38 @@ def worker_naive(cfg: dict) -> dict:
                 if t in stop:
                     n = j + 1
                     break
-            res.append({"ids": row[:n], "lp": lp[r, :n].tolist()})
-        return res
+            res.append({"id": batch_qs[r].id, "ids": row[:n], "lp": lp[r, :n].tolist()})
+        return res, sum(len(e) for e in enc)
 
-    run(qs[: min(B, 2)][:1])  # warm-up (one short question)
+    run(qs[:1], 4)  # warm-up
     t0 = time.perf_counter()
-    traces = []
+    traces, prompt_tokens = [], 0
     for i in range(0, len(qs), B):
-        traces += run(qs[i : i + B])
+        got, n_prompt = run(qs[i : i + B], T)
+        traces += got
+        prompt_tokens += n_prompt
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": _tokens_of(traces), "traces": traces, "ids": [q.id for q in qs]}
+    return {"seconds": dt, "tokens": _tokens_of(traces), "prompt_tokens": prompt_tokens, "traces": traces}
+
+
+def _disable(what) -> None:
+    """Switch off single optimisations of the HF backend, to measure what each one buys."""
+    import distill_detect.backends.hf as hfmod
+
+    if "layout" in what:  # keep nn.Linear weights row-major
+        hfmod._column_major_linears = lambda model: 0
+    if "cache" in what:  # the stock concatenating DynamicCache
+        hfmod._growing_cache = lambda model, capacity: None
+    if "stats" in what:  # per-step statistics through a full [n, V] log-softmax, as before
+
+        def emit(self, logits):
+            logp, mean, std = self._stats(logits)
+            tok = logits.argmax(-1)
+            return tok, logp.gather(-1, tok[:, None])[:, 0], mean, std
+
+        hfmod.HFBackend._emit = emit
+    if "narrow" in what:  # project every prefill position onto the vocabulary
+        hfmod.HFBackend._narrow_prefill = False
 
 
 def worker_hf(cfg: dict) -> dict:
@@ -180,10 +218,14 @@ def worker_hf(cfg: dict) -> dict:
     import torch
 
     from distill_detect.backends.hf import HFBackend
+    from distill_detect.prompts import build_prompt
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    be = HFBackend(cfg["model"], dtype=cfg.get("dtype", "float32"), device="cpu", prompt_logprobs=cfg.get("prompt_logprobs", False))
+    _disable(cfg.get("disable", ()))
+    be = HFBackend(
+        cfg["model"], dtype=cfg.get("dtype", "float32"), device="cpu", prompt_logprobs=cfg.get("prompt_logprobs", False)
+    )
     qs = _questions(cfg["n"])
     B, T = cfg["batch"], cfg["tokens"]
     be.generate(qs[:1], max_new_tokens=4)  # warm-up
@@ -191,48 +233,68 @@ def worker_hf(cfg: dict) -> dict:
     traces = []
     for i in range(0, len(qs), B):
         for t in be.generate(qs[i : i + B], max_new_tokens=T):
-            traces.append({"ids": t.output_ids.tolist(), "lp": t.output_logprobs.tolist()})
+            traces.append({"id": t.id, "ids": t.output_ids.tolist(), "lp": t.output_logprobs.tolist()})
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": _tokens_of(traces), "traces": traces, "ids": [q.id for q in qs]}
+    prompt_tokens = sum(len(build_prompt(be.tok, q.text).ids) for q in qs)
+    return {"seconds": dt, "tokens": _tokens_of(traces), "prompt_tokens": prompt_tokens, "traces": traces}
 
 
 def worker_llamacpp(cfg: dict) -> dict:
-    """(c): llama.cpp. mode 'ours' = the llamacpp backend; 'plain'/'logprobs' = llama-cpp-python's
-    own greedy completion without/with its ``logprobs`` option, on the same prompt tokens."""
+    """(c): llama.cpp on the GGUF. mode 'ours' = the llamacpp backend; 'ours_nolp' = the same loop reading
+    only the argmax (no log-probabilities); 'plain' / 'logprobs' = llama-cpp-python's own greedy
+    ``create_completion`` without / with its ``logprobs`` option, on the same prompt tokens."""
+    import numpy as np
+
     from distill_detect.backends.llamacpp import LlamaCppBackend
 
-    be = LlamaCppBackend(cfg.get("gguf") or "default", n_threads=cfg.get("threads"))
+    th = cfg.get("threads")
+    be = LlamaCppBackend(cfg.get("gguf") or "default", n_threads=th, prompt_logprobs=False)
     qs = _questions(cfg["n"])
     B, T = cfg.get("batch", 1), cfg["tokens"]
     mode = cfg["mode"]
-    if mode == "ours":
+    prompts = [be.prompt_ids(q.text) for q in qs]
+    prompt_tokens = sum(len(p) for p in prompts)
+    if mode in ("ours", "ours_nolp"):
+        if mode == "ours_nolp":
+            be._emit = lambda x: (x.argmax(axis=1),) + (np.zeros(x.shape[0], np.float32),) * 3
         be.generate(qs[:1], max_new_tokens=4)  # warm-up
         t0 = time.perf_counter()
         traces = []
         for i in range(0, len(qs), B):
             for t in be.generate(qs[i : i + B], max_new_tokens=T):
-                traces.append({"ids": t.output_ids.tolist(), "lp": t.output_logprobs.tolist()})
+                traces.append({"id": t.id, "ids": t.output_ids.tolist(), "lp": t.output_logprobs.tolist()})
         dt = time.perf_counter() - t0
-        return {"seconds": dt, "tokens": _tokens_of(traces), "traces": traces, "ids": [q.id for q in qs]}
+        res = {"seconds": dt, "tokens": _tokens_of(traces), "prompt_tokens": prompt_tokens, "threads_used": be.n_threads}
+        if mode == "ours":
+            res["traces"] = traces
+        return res
 
-    llm = be.llm
-    stop = sorted(be.stop_ids)
+    import llama_cpp
 
-    def complete(q, n_tok):
-        prompt = be.prompt_ids(q.text)
+    llm = llama_cpp.Llama(
+        str(be.path),
+        n_ctx=2048,
+        n_batch=512,
+        n_threads=be.n_threads,
+        n_threads_batch=be.n_threads,
+        logits_all=(mode == "logprobs"),
+        verbose=False,
+    )
+
+    def complete(prompt, n_tok):
         kw = {"logprobs": 1} if mode == "logprobs" else {}
         llm.reset()
-        out = llm.create_completion(prompt, max_tokens=n_tok, temperature=0.0, top_k=1, stop=None, **kw)
+        out = llm.create_completion(prompt, max_tokens=n_tok, temperature=0.0, top_k=1, **kw)
         n = int(out["usage"]["completion_tokens"])
         if out["choices"][0]["finish_reason"] == "stop":
-            n += 1  # llama-cpp-python drops the end-of-turn token from the count; it was decoded
+            n += 1  # the end-of-turn token was decoded but is not counted by llama-cpp-python
         return n
 
-    complete(qs[0], 4)  # warm-up
+    complete(prompts[0], 4)  # warm-up
     t0 = time.perf_counter()
-    tokens = sum(complete(q, T) for q in qs)
+    tokens = sum(complete(p, T) for p in prompts)
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": tokens, "stop_ids": stop, "ids": [q.id for q in qs]}
+    return {"seconds": dt, "tokens": tokens, "prompt_tokens": prompt_tokens, "threads_used": be.n_threads}
 
 
 WORKERS = {"naive": worker_naive, "hf": worker_hf, "llamacpp": worker_llamacpp}
@@ -244,9 +306,10 @@ def run_worker(cfg: dict) -> dict:
     res["peak_rss_mb"] = _peak_rss_mb()
     res["tok_s"] = res["tokens"] / res["seconds"] if res["seconds"] else 0.0
     res["load1"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
-    import torch
+    if "threads_used" not in res:
+        import torch
 
-    res["torch_threads"] = torch.get_num_threads()
+        res["threads_used"] = torch.get_num_threads()
     return res
 
 
@@ -277,7 +340,11 @@ def agreement(a: dict, b: dict) -> dict:
     same = total = exact = 0
     max_d = 0.0
     first_div = []
-    for x, y in zip(a["traces"], b["traces"]):
+    by_id = {t["id"]: t for t in b}
+    for x in a:
+        y = by_id.get(x["id"])
+        if y is None:
+            continue
         n = min(len(x["ids"]), len(y["ids"]))
         ids_x, ids_y = np.asarray(x["ids"][:n]), np.asarray(y["ids"][:n])
         diff = np.nonzero(ids_x != ids_y)[0]
@@ -299,30 +366,69 @@ def agreement(a: dict, b: dict) -> dict:
     }
 
 
+def _forced_agreement(hf_traces: list[dict], gguf: str, threads: int | None) -> dict:
+    """llama.cpp's log-probabilities of the HF backend's own greedy tokens, at every position."""
+    import numpy as np
+
+    from distill_detect.backends.llamacpp import LlamaCppBackend
+
+    be = LlamaCppBackend(gguf, n_threads=threads, prompt_logprobs=False)
+    qs = {q.id: q for q in _questions(64)}
+    d = []
+    for t in hf_traces:
+        got = be.score([qs[t["id"]]], [np.asarray(t["ids"])])[0]
+        d.append(np.abs(got.astype(np.float64) - np.asarray(t["lp"], np.float64)))
+    be.close()
+    allv = np.concatenate(d)
+    return {
+        "questions": len(d),
+        "tokens": int(allv.size),
+        "max_abs_dlogprob": float(allv.max()),
+        "p99_abs_dlogprob": float(np.quantile(allv, 0.99)),
+        "median_abs_dlogprob": float(np.median(allv)),
+    }
+
+
 # -- the parent ------------------------------------------------------------------------------------------
 
 
-def _plan(quick: bool, has_llamacpp: bool, model_dir: str, gguf: str | None) -> list[dict]:
+def _plan(quick: bool, has_llamacpp: bool, model_dir: str, gguf: str | None, threads: int | None) -> list[dict]:
     T = 12 if quick else 128
     n_for = (lambda b: max(b, 2)) if quick else (lambda b: {1: 8, 8: 16, 32: 32, 64: 64}[b])
     batches = [1, 8] if quick else [1, 8, 32]
+    hf = {"tokens": T, "model": model_dir, "threads": threads}
     plan = []
     for b in batches:
-        plan.append({"name": f"naive_b{b}", "kind": "naive", "batch": b, "n": n_for(b), "tokens": T, "model": model_dir})
-        plan.append({"name": f"hf_b{b}", "kind": "hf", "batch": b, "n": n_for(b), "tokens": T, "model": model_dir})
+        plan.append({"name": f"naive_b{b}", "kind": "naive", "batch": b, "n": n_for(b), **hf})
+        plan.append({"name": f"hf_b{b}", "kind": "hf", "batch": b, "n": n_for(b), **hf})
     if not quick:
-        plan.append({"name": "hf_b64", "kind": "hf", "batch": 64, "n": 64, "tokens": T, "model": model_dir})
+        plan.append({"name": "hf_b64", "kind": "hf", "batch": 64, "n": 64, **hf})
+        plan.append({"name": "hf_b8_prompt_logprobs", "kind": "hf", "batch": 8, "n": 16, "prompt_logprobs": True, **hf})
+        plan.append({"name": "hf_b8_bf16", "kind": "hf", "batch": 8, "n": 16, "dtype": "bfloat16", **hf})
+        # What each optimisation buys: batch 8 with one of them switched off (and all of them).
+        for off in ("layout", "cache", "stats"):
+            plan.append({"name": f"hf_b8_without_{off}", "kind": "hf", "batch": 8, "n": 16, "disable": [off], **hf})
         plan.append(
-            {"name": "hf_b8_prompt_logprobs", "kind": "hf", "batch": 8, "n": 16, "tokens": T, "model": model_dir, "prompt_logprobs": True}
+            {
+                "name": "hf_b8_prompt_logprobs_without_narrow",
+                "kind": "hf",
+                "batch": 8,
+                "n": 16,
+                "prompt_logprobs": True,
+                "disable": ["narrow"],
+                **hf,
+            }
         )
-        plan.append({"name": "hf_b1_bf16", "kind": "hf", "batch": 1, "n": 8, "tokens": T, "model": model_dir, "dtype": "bfloat16"})
-        plan.append({"name": "hf_b32_bf16", "kind": "hf", "batch": 32, "n": 32, "tokens": T, "model": model_dir, "dtype": "bfloat16"})
+        plan.append(
+            {"name": "hf_b8_without_all", "kind": "hf", "batch": 8, "n": 16, "disable": ["layout", "cache", "stats"], **hf}
+        )
     if has_llamacpp:
         n = 2 if quick else 8
-        for mode in ("plain", "logprobs", "ours"):
-            plan.append({"name": f"llamacpp_{mode}_b1", "kind": "llamacpp", "mode": mode, "batch": 1, "n": n, "tokens": T, "gguf": gguf})
+        lc = {"kind": "llamacpp", "tokens": T, "gguf": gguf, "threads": threads}
+        for mode in ("plain", "logprobs", "ours_nolp", "ours"):
+            plan.append({"name": f"llamacpp_{mode}_b1", "mode": mode, "batch": 1, "n": n, **lc})
         if not quick:
-            plan.append({"name": "llamacpp_ours_b8", "kind": "llamacpp", "mode": "ours", "batch": 8, "n": 16, "tokens": T, "gguf": gguf})
+            plan.append({"name": "llamacpp_ours_b8", "mode": "ours", "batch": 8, "n": 16, **lc})
     return plan
 
 
@@ -346,12 +452,13 @@ def write_report(doc: dict, out_dir: Path) -> Path:
         f"Python {m['python']}. Load average at start {m['loadavg_start']}, at end {m['loadavg_end']} "
         "(the machine was shared: numbers move with the load; each row shows the 1-minute load before and after it).",
         "",
-        f"Matmul peak measured in this run: **{peak:.0f} GFLOP/s** (float32 {doc['matmul_peak']['n']}^3 torch.mm, best of 8). "
+        f"Matmul peak measured in this run: **{peak:.0f} GFLOP/s** with {m['torch_threads']} threads, "
+        f"{doc['matmul_peak_1thread']['gflops']:.0f} GFLOP/s with 1 (float32 {doc['matmul_peak']['n']}^3 torch.mm, best of 8). "
         f"FLOPs counted per token: dense {fl['dense'] / 1e6:.0f} MFLOP (2 x every linear weight, output head included) "
         f"+ attention {fl['attention_per_ctx_token'] / 1e3:.0f} kFLOP per context token.",
         "",
-        "| path | batch | questions | tokens | tok/s | x naive (same batch) | peak RSS MB | % matmul peak | load before/after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| path | batch | threads | questions | generated tokens | tok/s | x naive (same batch) | peak RSS MB | % peak (generated) | % peak (prompt + generated) | load before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in r.items():
         if "error" in res:
@@ -359,11 +466,18 @@ def write_report(doc: dict, out_dir: Path) -> Path:
             continue
         ratio = res.get("x_naive")
         lines.append(
-            f"| {name} | {res['batch']} | {res['n']} | {res['tokens']} | {res['tok_s']:.1f} | {_fmt(ratio, 2) if ratio else '—'} "
-            f"| {res['peak_rss_mb']:.0f} | {_fmt(res.get('pct_peak'), 1)} | {res['load1'][0]}/{res['load1'][1]} |"
+            f"| {name} | {res['batch']} | {res.get('threads_used', '')} | {res['n']} | {res['tokens']} | {res['tok_s']:.1f} "
+            f"| {_fmt(ratio, 2) if ratio else '—'} | {res['peak_rss_mb']:.0f} | {_fmt(res.get('pct_peak'), 1)} "
+            f"| {_fmt(res.get('pct_peak_all'), 1)} | {res['load1'][0]}/{res['load1'][1]} |"
         )
     lines += ["", "## Agreement", ""]
     for name, ag in doc["agreement"].items():
+        if "max_abs_dlogprob" in ag:
+            lines.append(
+                f"- {name}: {ag['questions']} questions, {ag['tokens']} tokens: |Δ logprob| max {ag['max_abs_dlogprob']:.3f}, "
+                f"99th percentile {ag['p99_abs_dlogprob']:.3f}, median {ag['median_abs_dlogprob']:.4f}"
+            )
+            continue
         lines.append(
             f"- {name}: {ag['identical_sequences']}/{ag['questions']} sequences identical; token match over the common prefix "
             f"{ag['token_match_fraction']:.3f}, identical-prefix fraction {ag['identical_prefix_fraction']:.3f}; "
@@ -380,7 +494,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 tokens, two questions, batches 1 and 8")
     ap.add_argument("--only", default=None, help="comma-separated configuration names to run (default: all)")
-    ap.add_argument("--out", default=str(HERE / "results"), help="folder for speed.md and speed.json")
+    ap.add_argument(
+        "--out", default=None, help="folder for speed.md and speed.json (default benchmarks/results; --quick: a temp folder)"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="threads for torch and llama.cpp in every run (default: all cores)")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds allowed per configuration")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -403,10 +520,19 @@ def main(argv=None) -> int:
     gguf = str(find_default_gguf())
     m = machine_info()
     print(f"machine: {m}", flush=True)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        m["torch_threads"] = args.threads
     peak = matmul_peak(1024 if args.quick else 2048)
-    print(f"matmul peak: {peak['gflops']:.1f} GFLOP/s", flush=True)
+    nthreads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    peak1 = matmul_peak(1024 if args.quick else 2048)
+    torch.set_num_threads(nthreads)
+    print(f"matmul peak: {peak['gflops']:.1f} GFLOP/s ({nthreads} threads), {peak1['gflops']:.1f} (1 thread)", flush=True)
     fl = flops_per_token(model_dir)
-    plan = _plan(args.quick, has_llamacpp, model_dir, gguf)
+    plan = _plan(args.quick, has_llamacpp, model_dir, gguf, args.threads)
     if args.only:
         keep = set(args.only.split(","))
         plan = [c for c in plan if c["name"] in keep]
@@ -416,20 +542,26 @@ def main(argv=None) -> int:
         print(f"running {cfg['name']} ...", flush=True)
         res = spawn(cfg, args.timeout)
         if "traces" in res:
-            traces[cfg["name"]] = {"traces": res.pop("traces"), "ids": res.get("ids")}
-        res.update({k: cfg[k] for k in ("batch", "n", "tokens")})
+            traces[cfg["name"]] = res.pop("traces")
+        res.update({"batch": cfg["batch"], "n": cfg["n"], "budget": cfg["tokens"]})
         results[cfg["name"]] = res
         if "error" in res:
             print(f"  {cfg['name']}: ERROR {res['error']}", flush=True)
         else:
-            print(f"  {cfg['name']}: {res['tokens']} tokens in {res['seconds']:.1f}s = {res['tok_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"  {cfg['name']}: {res['tokens']} tokens in {res['seconds']:.1f}s = {res['tok_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     # Context length for the attention FLOPs: prompt plus half the generation, on average (measured prompts).
     mean_ctx = _mean_context(model_dir, max(c["n"] for c in plan) if plan else 1, plan[0]["tokens"] if plan else 0)
     per_tok = fl["dense"] + fl["attention_per_ctx_token"] * mean_ctx
     for name, res in results.items():
         if "error" in res:
             continue
-        res["pct_peak"] = 100.0 * res["tok_s"] * per_tok / (peak["gflops"] * 1e9)
+        threads = res.get("threads_used") or nthreads
+        pk = (peak1 if threads == 1 else peak)["gflops"] * 1e9
+        res["pct_peak"] = 100.0 * res["tok_s"] * per_tok / pk
+        res["pct_peak_all"] = 100.0 * (res["tokens"] + res.get("prompt_tokens", 0)) / res["seconds"] * per_tok / pk
         if name.startswith("hf_b") and name[4:].isdigit():
             base = results.get(f"naive_b{name[4:]}")
             if base and "error" not in base and base["tok_s"]:
@@ -439,23 +571,46 @@ def main(argv=None) -> int:
         if f"naive_b{b}" in traces and f"hf_b{b}" in traces:
             agree[f"hf_b{b} vs naive_b{b}"] = agreement(traces[f"hf_b{b}"], traces[f"naive_b{b}"])
     if "hf_b1" in traces and "hf_b8" in traces:
-        n = len(traces["hf_b1"]["traces"])
-        agree["hf_b1 vs hf_b8 (first questions)"] = agreement(traces["hf_b1"], {"traces": traces["hf_b8"]["traces"][:n]})
+        agree["hf_b1 vs hf_b8 (shared questions)"] = agreement(traces["hf_b1"], traces["hf_b8"])
+    if "llamacpp_ours_b1" in traces and "llamacpp_ours_b8" in traces:
+        agree["llamacpp_ours_b1 vs llamacpp_ours_b8 (shared questions)"] = agreement(
+            traces["llamacpp_ours_b1"], traces["llamacpp_ours_b8"]
+        )
     for name in ("llamacpp_ours_b1", "llamacpp_ours_b8"):
         ref = "hf_b1" if name.endswith("b1") else "hf_b8"
         if name in traces and ref in traces:
             agree[f"{name} (Q4_1 GGUF) vs {ref} (dequantised float32)"] = agreement(traces[name], traces[ref])
-    best = max((r for k, r in results.items() if k.startswith("hf_b") and "error" not in r and "bf16" not in k and "prompt" not in k),
-               key=lambda r: r["tok_s"], default=None)
+    if "llamacpp_ours_b1" in traces and "hf_b8" in traces:
+        agree["llama.cpp teacher-forcing the hf_b8 tokens vs hf_b8"] = _forced_agreement(traces["hf_b8"], gguf, args.threads)
+    best = max(
+        (r for k, r in results.items() if k.startswith("hf_b") and "error" not in r and "bf16" not in k and "prompt" not in k),
+        key=lambda r: r["tok_s"],
+        default=None,
+    )
     notes = []
     if best:
-        notes.append(f"best HF batch here: {best['batch']} at {best['tok_s']:.1f} tok/s = {best['pct_peak']:.1f}% of the measured matmul peak "
-                     f"(at a mean context of {mean_ctx:.0f} tokens: {per_tok / 1e6:.0f} MFLOP/token)")
+        notes.append(
+            f"best HF batch here: {best['batch']} at {best['tok_s']:.1f} tok/s = {best['pct_peak']:.1f}% of the measured matmul peak "
+            f"(at a mean context of {mean_ctx:.0f} tokens: {per_tok / 1e6:.0f} MFLOP/token)"
+        )
+    base = results.get("hf_b8")
+    for name, res in results.items():
+        if "_without_" in name and "error" not in res and base and "error" not in base:
+            ref = results.get("hf_b8_prompt_logprobs") if "prompt_logprobs" in name else base
+            if ref and "error" not in ref:
+                what = name.split("_without_")[1]
+                notes.append(
+                    f"{what}: hf_b8{'_prompt_logprobs' if 'prompt' in name else ''} runs {ref['tok_s'] / res['tok_s']:.2f}x as fast with it as without"
+                )
     lp, plain, ours = (results.get(f"llamacpp_{k}_b1") for k in ("logprobs", "plain", "ours"))
     if plain and ours and "error" not in plain and "error" not in ours:
-        notes.append(f"llama.cpp: the llamacpp backend (with logprobs) runs at {100 * ours['tok_s'] / plain['tok_s']:.0f}% of llama-cpp-python's own "
-                     f"greedy completion without logprobs; its `logprobs` option runs at "
-                     f"{100 * lp['tok_s'] / plain['tok_s']:.0f}%" if lp and "error" not in lp else "")
+        notes.append(
+            f"llama.cpp: the llamacpp backend (with logprobs) runs at {100 * ours['tok_s'] / plain['tok_s']:.0f}% of llama-cpp-python's own "
+            f"greedy completion without logprobs; its `logprobs` option runs at "
+            f"{100 * lp['tok_s'] / plain['tok_s']:.0f}%"
+            if lp and "error" not in lp
+            else ""
+        )
     m["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     doc = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -463,12 +618,13 @@ def main(argv=None) -> int:
         "tokens": plan[0]["tokens"] if plan else 0,
         "machine": m,
         "matmul_peak": peak,
+        "matmul_peak_1thread": peak1,
         "flops_per_token": {**fl, "mean_context": mean_ctx, "total_at_mean_context": per_tok},
         "results": results,
         "agreement": agree,
         "notes": [n for n in notes if n],
     }
-    out = Path(args.out)
+    out = Path(args.out or (Path(tempfile.gettempdir()) / "distill-detect-speed" if args.quick else HERE / "results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / ("speed_quick.json" if args.quick else "speed.json")).write_text(json.dumps(doc, indent=1) + "\n")
     path = write_report(doc, out)

@@ -9,6 +9,7 @@ from distill_detect.errors import ConfigError
 
 BACKENDS = {
     "hf": "distill_detect.backends.hf:HFBackend",
+    "llamacpp": "distill_detect.backends.llamacpp:LlamaCppBackend",
     "openai": "distill_detect.backends.openai:OpenAIBackend",
     "vllm": "distill_detect.backends.vllm:VLLMBackend",
 }

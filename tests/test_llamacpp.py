@@ -1,0 +1,135 @@
+"""The llamacpp backend on the embedded SmolLM2 GGUF: same prompts as HF, batch-invariant,
+and within the stated tolerance of the HF backend on the dequantised weights.
+
+Skipped where llama-cpp-python is not installed (``pip install 'distill-detect[llamacpp]'``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'distill-detect[llamacpp]')")
+
+from distill_detect.data import load_questions  # noqa: E402
+
+# Stated in distill_detect/backends/llamacpp.py: Q4_1 GGUF on llama.cpp vs the dequantised float32 HF model.
+IDENTICAL_FIRST = 4  # greedy tokens identical for at least this many steps on most questions
+LOGPROB_TOL = 0.3  # |Δ log p| on the prefix where the greedy tokens are identical
+FORCED_TOL = 0.5  # |Δ log p| when llama.cpp teacher-forces the HF tokens (prompt prefill path)
+
+
+@pytest.fixture(scope="module")
+def lc():
+    from distill_detect.backends.llamacpp import LlamaCppBackend
+
+    # One thread: stable run time on a shared machine (two spinning threads stall under load).
+    be = LlamaCppBackend("default", n_threads=1)
+    yield be
+    be.close()
+
+
+@pytest.fixture(scope="module")
+def hf(default_dir):
+    from distill_detect.backends.hf import HFBackend
+
+    return HFBackend(str(default_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return load_questions("bundled:gsm8k_test")[:4]
+
+
+def test_prompt_and_fingerprint_match_the_hf_side(lc, hf, questions):
+    from distill_detect.models import find_default_gguf
+    from distill_detect.prompts import build_prompt
+
+    for q in questions:
+        ids, span = lc.build_prompt(q.text)
+        ref = build_prompt(hf.tok, q.text)
+        assert ids == ref.ids and span == ref.question_span
+    fp = lc.fingerprint()
+    assert fp["backend"] == "llamacpp" and fp["decoding"] == "greedy" and fp["dtype"] == "Q4_1"
+    assert fp["versions"]["llama_cpp_python"] and fp["template"] == hf.fingerprint()["template"]
+    assert fp["stop_ids"] == hf.fingerprint()["stop_ids"]
+    from distill_detect.models import _sha256
+
+    assert fp["model"]["gguf_sha256"] == _sha256(find_default_gguf())
+
+
+def test_batch_does_not_change_results(lc, questions):
+    singles = [lc.generate([q], max_new_tokens=10)[0] for q in questions]
+    batch = lc.generate(questions, max_new_tokens=10)
+    for s, b in zip(singles, batch):
+        assert s.id == b.id and np.array_equal(s.output_ids, b.output_ids)
+        np.testing.assert_allclose(s.output_logprobs, b.output_logprobs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(s.prompt_logprobs, b.prompt_logprobs, atol=1e-4, rtol=0)
+        assert s.output_logprobs.dtype == np.float32 and (s.output_logprobs <= 0).all()
+        assert (s.output_logprobs >= s.output_mean_logp - 1e-5).all() and (s.output_std_logp >= 0).all()
+
+
+def test_agrees_with_hf_within_stated_tolerance(lc, hf, questions):
+    T = 12
+    a = lc.generate(questions, max_new_tokens=T)
+    b = hf.generate(questions, max_new_tokens=T)
+    long_enough = 0
+    for x, y in zip(a, b):
+        same = x.output_ids == y.output_ids
+        k = len(same) if same.all() else int(np.argmin(same))
+        long_enough += k >= IDENTICAL_FIRST
+        if k:
+            assert np.abs(x.output_logprobs[:k] - y.output_logprobs[:k]).max() <= LOGPROB_TOL
+        # Teacher-forcing the HF tokens compares every position, wherever the greedy paths part.
+        forced = lc.score([q for q in questions if q.id == y.id], [y.output_ids])[0]
+        assert np.abs(forced - y.output_logprobs).max() <= FORCED_TOL
+    assert long_enough >= len(questions) - 1
+
+
+def test_stops_budget_and_prompt_scoring(lc, questions):
+    first = lc.generate(questions[:1], max_new_tokens=8)[0]
+    assert first.num_tokens == 8 and first.finish_reason == "length" and first.max_new_tokens == 8
+    short = lc.generate(questions[:1], max_new_tokens=3)[0]
+    assert np.array_equal(short.output_ids, first.output_ids[:3])
+    target = int(first.output_ids[2])
+    old = set(lc.stop_ids)
+    try:
+        lc.stop_ids = old | {target}
+        t = lc.generate(questions[:1], max_new_tokens=8)[0]
+    finally:
+        lc.stop_ids = old
+    cut = list(first.output_ids).index(target) + 1
+    assert t.finish_reason == "stop" and t.num_tokens == cut and t.output_ids[-1] == target
+    p = lc.score_prompts(questions[:1])[0]
+    assert np.array_equal(p["prompt_ids"], first.prompt_ids)
+    np.testing.assert_allclose(p["prompt_logprobs"], first.prompt_logprobs, atol=1e-4, rtol=0)
+
+
+def test_cli_runs_with_the_llamacpp_backend(tmp_path):
+    from distill_detect import cli
+    from distill_detect.pipeline import load_run_traces
+
+    out = tmp_path / "lc"
+    rc = cli.main(
+        [
+            "run",
+            "--backend",
+            "llamacpp",
+            "--members",
+            "bundled:gsm8k_train_sample",
+            "--nonmembers",
+            "bundled:gsm8k_test",
+            "--limit",
+            "1",
+            "--tpd-tokens",
+            "3",
+            "--bootstrap",
+            "10",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    traces, fp, _ = load_run_traces(out / "run")
+    assert len(traces) == 2 and all(t.num_tokens <= 3 for t in traces)
+    assert fp["backend"] == "llamacpp"
