@@ -47,6 +47,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distill_detect.backends.base import END_OF_TURN
 from distill_detect.errors import ConfigError, DistillDetectError, InputError
 from distill_detect.types import Question
 
@@ -67,7 +68,6 @@ _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "consta
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Settings that do not change the trained weights: they may differ between an interrupted run and its resume.
 _NOT_IN_KEY = ("save_steps", "save_total_limit", "keep_checkpoints")
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def _response_part(tokenizer, prompt: str, full: str) -> str:
     """The trained text: response + end-of-turn, without whitespace the template puts after the end-of-turn."""
     part = full[len(prompt) :]
     stripped = part.rstrip()
-    ends = tuple(t for t in (tokenizer.eos_token, *_END_OF_TURN) if t)
+    ends = tuple(t for t in (tokenizer.eos_token, *END_OF_TURN) if t)
     return stripped if stripped != part and stripped.endswith(ends) else part
 
 

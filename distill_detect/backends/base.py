@@ -26,7 +26,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from distill_detect.errors import InputError
 from distill_detect.types import Question, Trace
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+"""End-of-turn tokens of common chat templates; decoding stops at any of them that the vocabulary has."""
 
 
 class Backend(ABC):
@@ -50,6 +54,18 @@ class Backend(ABC):
     def score(self, questions: Sequence[Question], continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
         """float32 log p(continuation[t] | prompt, continuation[:t]) for each question."""
         raise NotImplementedError(f"the {self.name} backend cannot teacher-force a continuation")
+
+    context: int | None = None
+    """The model's context length in tokens, when known (prompts that fill it are refused)."""
+
+    def _check_length(self, q: Question, n: int) -> None:
+        """Policy for over-long questions: refuse with the question's id rather than truncate silently."""
+        if self.context and n >= self.context:
+            raise InputError(
+                q.id,
+                f"prompt is {n} tokens, the model's context is {self.context}; shorten or drop this question",
+                field="question",
+            )
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release model memory (optional)."""

@@ -24,12 +24,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distill_detect.backends.base import Backend
-from distill_detect.errors import DistillDetectError, InputError, require
+from distill_detect.backends.base import END_OF_TURN, Backend
+from distill_detect.errors import DistillDetectError, require
 from distill_detect.prompts import build_prompt, template_hash
 from distill_detect.types import Question, Trace
-
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 def _column_major_linears(model) -> int:
@@ -175,7 +173,7 @@ class HFBackend(Backend):
             elif src:
                 ids.update(int(x) for x in src)
         vocab = self.tok.get_vocab()
-        ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+        ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
         if not ids:
             raise DistillDetectError("the tokenizer defines no EOS or end-of-turn token; cannot tell when a turn ends")
         return ids
@@ -264,14 +262,6 @@ class HFBackend(Backend):
                 }
             )
         return res
-
-    def _check_length(self, q: Question, n: int) -> None:
-        if self.context and n >= self.context:
-            raise InputError(
-                q.id,
-                f"prompt is {n} tokens, the model's context is {self.context}; shorten or drop this question",
-                field="question",
-            )
 
     # -- the interface ---------------------------------------------------------------------------
 

@@ -43,11 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from distill_detect.backends.base import Backend
-from distill_detect.errors import ConfigError, DistillDetectError, InputError, require
+from distill_detect.backends.base import END_OF_TURN, Backend
+from distill_detect.errors import ConfigError, DistillDetectError, require
 from distill_detect.types import Question, Trace
 
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 _N_BATCH = 512  # tokens per llama_decode call during prefill
 
 
@@ -202,7 +201,7 @@ class LlamaCppBackend(Backend):
         ids = {
             int(t) for t in (self.lc.llama_vocab_eos(self.vocab), self.lc.llama_vocab_eot(self.vocab)) if t is not None and t >= 0
         }
-        for text in _END_OF_TURN:
+        for text in END_OF_TURN:
             toks = self.llm.tokenize(text.encode(), add_bos=False, special=True)
             if len(toks) == 1 and self._piece(toks[0]) == text:
                 ids.add(int(toks[0]))
@@ -369,14 +368,6 @@ class LlamaCppBackend(Backend):
             # prompt is always cut the same way whatever else is in the batch.
             flush()
         return res
-
-    def _check_length(self, q: Question, n: int) -> None:
-        if self.context and n >= self.context:
-            raise InputError(
-                q.id,
-                f"prompt is {n} tokens, the model's context is {self.context}; shorten or drop this question",
-                field="question",
-            )
 
     # -- the interface ---------------------------------------------------------------------------
 
