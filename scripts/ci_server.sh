@@ -28,15 +28,27 @@ if ! have ray; then
   echo "ci_server.sh: installing ray" >&2
   "$PY" -m pip install -q "ray>=2.30"
 fi
+# 'import llama_cpp.server' succeeds without the server's own dependencies (its __init__ is empty),
+# so check the modules the server really imports when it starts.
+SERVER_MODULES="llama_cpp.server.app uvicorn fastapi sse_starlette starlette_context pydantic_settings"
+have_server() { "$PY" -c "import ${SERVER_MODULES// /, }" >/dev/null 2>&1; }
+
 if ! have llama_cpp; then
   echo "ci_server.sh: building llama-cpp-python (CPU; minutes the first time, cached by pip afterwards)" >&2
   command -v cmake >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake build-essential >/dev/null; }
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF"} \
-    "$PY" -m pip install -q "llama-cpp-python>=0.3"
+    "$PY" -m pip install -q "llama-cpp-python[server]>=0.3"
 fi
-if ! have llama_cpp.server; then
-  echo "ci_server.sh: installing llama-cpp-python's server extras" >&2
-  "$PY" -m pip install -q "llama-cpp-python[server]>=0.3"
+if ! have_server; then
+  # Pin the installed version so pip adds only the extras and never rebuilds llama.cpp.
+  LLAMA_VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')
+  echo "ci_server.sh: installing llama-cpp-python $LLAMA_VERSION's server extras" >&2
+  "$PY" -m pip install -q "llama-cpp-python[server]==$LLAMA_VERSION"
+fi
+if ! have_server; then
+  echo "ci_server.sh: the llama-cpp-python server still cannot be imported:" >&2
+  "$PY" -c "import ${SERVER_MODULES// /, }" >&2 || true
+  exit 2
 fi
 "$PY" - <<'EOF'
 import importlib.metadata as m
