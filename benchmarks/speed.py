@@ -205,7 +205,7 @@ def worker_naive(cfg: dict) -> dict:
     The model is loaded plainly (models.load_hf), without anything this project's backend adds."""
     import torch
 
-    from distill_detect.backends.hf import _END_OF_TURN
+    from distill_detect.backends.base import END_OF_TURN
     from distill_detect.models import load_hf, resolve_model
     from distill_detect.prompts import build_prompt
 
@@ -217,7 +217,7 @@ def worker_naive(cfg: dict) -> dict:
     for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         stops.update([src] if isinstance(src, int) else (src or []))
     vocab = tok.get_vocab()
-    stops.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    stops.update(vocab[t] for t in END_OF_TURN if t in vocab)
     stop = sorted(stops)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     qs = _questions(cfg["n"])

@@ -53,6 +53,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--system-prompt", default=None, help="system turn (default: the chat template's own)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
     g.add_argument("--batch-size", type=int, default=8, help="questions decoded together (default: 8)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the hf and llamacpp backends (default: torch's / every core); 1 is fastest on a busy machine",
+    )
     g.add_argument("--max-new-tokens", type=int, default=1000, help="cap on generated tokens (default: 1000)")
     g.add_argument("--no-prompt-logprobs", action="store_true", help="skip question-token log-probs (only TPD/output methods)")
 

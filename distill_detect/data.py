@@ -175,7 +175,9 @@ def _parse_label(path, line, value, from_csv: bool):
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)):
-        raise InputError(path, f"label must be the number 0 or 1, got {value!r} ({type(value).__name__})", line=line, field="label")
+        raise InputError(
+            path, f"label must be the number 0 or 1, got {value!r} ({type(value).__name__})", line=line, field="label"
+        )
     if value not in (0, 1):
         raise InputError(path, f"label must be 0 or 1, got {value!r}", line=line, field="label")
     return int(value)
@@ -206,7 +208,9 @@ def load_questions(
     if field not in first:
         where = "column" if first.get("__csv__") else "field"
         have = ", ".join(k if k.isprintable() else repr(k) for k in first if k != "__csv__")  # one line, whatever the keys
-        raise InputError(name, f"missing {where} '{field}' (found: {have}); choose one with --field", line=first_line, field=field)
+        raise InputError(
+            name, f"missing {where} '{field}' (found: {have}); choose one with --field", line=first_line, field=field
+        )
     for line, rec in recs:
         from_csv = bool(rec.get("__csv__"))
         text = rec.get(field)
@@ -283,7 +287,9 @@ def combine_labelled(
         if q.id in m_ids or q.text.strip() in m_text:
             line = question_line(nonmembers_path, q.id, field=field, id_field=id_field)
         if q.id in m_ids:
-            raise InputError(nonmembers_path, f"id {q.id!r} is also in the members file {members_path}", line=line, field=id_field)
+            raise InputError(
+                nonmembers_path, f"id {q.id!r} is also in the members file {members_path}", line=line, field=id_field
+            )
         if q.text.strip() in m_text:
             raise InputError(
                 nonmembers_path,

@@ -18,7 +18,21 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ["tpd", "tpd_ref", "out_ppl", "out_min_k", "out_entropy", "out_max_prob", "loss", "zlib", "lowercase", "min_k", "min_k_pp", "dc_pdd", "reference"]
+METHODS = [
+    "tpd",
+    "tpd_ref",
+    "out_ppl",
+    "out_min_k",
+    "out_entropy",
+    "out_max_prob",
+    "loss",
+    "zlib",
+    "lowercase",
+    "min_k",
+    "min_k_pp",
+    "dc_pdd",
+    "reference",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

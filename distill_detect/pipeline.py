@@ -146,8 +146,11 @@ def _freq_table_for(tokenizer) -> np.ndarray:
     from distill_detect.models import cache_dir
     from distill_detect.passes import build_token_freq_table, bundled_corpus_texts, load_token_freq_table, save_token_freq_table
 
-    vocab = tokenizer.get_vocab()
-    key = hashlib.sha256(_json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    if hasattr(tokenizer, "cache_key"):  # the llama.cpp backend's GGUF tokenizer
+        key = tokenizer.cache_key()
+    else:
+        vocab = tokenizer.get_vocab()
+        key = hashlib.sha256(_json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
     path = cache_dir() / "token_freq" / f"bundled-{key}.npy"
     if path.exists():
         return load_token_freq_table(path, vocab_size=len(tokenizer))

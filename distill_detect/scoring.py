@@ -85,7 +85,9 @@ def score_traces(traces: Sequence[Trace], methods: dict[str, dict]) -> dict[str,
     return out
 
 
-def evaluate(labels: Sequence[int | None], raw: dict[str, np.ndarray], methods: dict[str, dict], *, n_resamples: int = 1000, seed: int = 0) -> dict:
+def evaluate(
+    labels: Sequence[int | None], raw: dict[str, np.ndarray], methods: dict[str, dict], *, n_resamples: int = 1000, seed: int = 0
+) -> dict:
     """Metrics per method over the labelled traces (unlabelled ones are left out)."""
     from distill_detect.metrics import membership_score, summarize
 

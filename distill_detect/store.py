@@ -107,7 +107,9 @@ class TraceStore:
         self.path = self.dir / DB_NAME
         if not self.path.exists():
             if not create:
-                raise DistillDetectError(f"{self.dir}: not a run directory (no {DB_NAME}); create it with 'distill-detect generate'")
+                raise DistillDetectError(
+                    f"{self.dir}: not a run directory (no {DB_NAME}); create it with 'distill-detect generate'"
+                )
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -239,7 +241,8 @@ class TraceStore:
                         self.db.execute("UPDATE questions SET label = ? WHERE id = ?", (q.label, q.id))
                     else:
                         self.db.execute(
-                            "INSERT INTO questions (id, seq, question, label) VALUES (?, ?, ?, ?)", (q.id, start + added, q.text, q.label)
+                            "INSERT INTO questions (id, seq, question, label) VALUES (?, ?, ?, ?)",
+                            (q.id, start + added, q.text, q.label),
                         )
                         known[q.id] = q.text
                         added += 1
@@ -249,7 +252,8 @@ class TraceStore:
 
     def questions(self) -> list[Question]:
         return [
-            Question(id=i, text=t, label=lab) for i, t, lab in self.db.execute("SELECT id, question, label FROM questions ORDER BY seq")
+            Question(id=i, text=t, label=lab)
+            for i, t, lab in self.db.execute("SELECT id, question, label FROM questions ORDER BY seq")
         ]
 
     def pending(self, max_new_tokens: int, ids: Iterable[str] | None = None) -> list[Question]:
@@ -269,7 +273,9 @@ class TraceStore:
         rows = []
         for t in traces:
             blobs = [_blob(getattr(t, k), dt) for k, dt in _ARRAYS.items()]
-            rows.append((t.id, t.finish_reason, int(t.max_new_tokens or t.num_tokens), t.num_tokens, t.output_text, time.time(), *blobs))
+            rows.append(
+                (t.id, t.finish_reason, int(t.max_new_tokens or t.num_tokens), t.num_tokens, t.output_text, time.time(), *blobs)
+            )
         cols = "id, finish_reason, max_new_tokens, num_tokens, output_text, created, " + ", ".join(_ARRAYS)
         marks = ", ".join("?" * (6 + len(_ARRAYS)))
         with self._tx():

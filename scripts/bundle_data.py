@@ -63,7 +63,11 @@ def main() -> None:
     _write(
         "gsm8k_train_sample.jsonl.gz",
         [
-            {"id": f"gsm8k-train-{i:04d}", "question": train[i]["question"], "answer": train[i]["answer"].rsplit("####", 1)[-1].strip()}
+            {
+                "id": f"gsm8k-train-{i:04d}",
+                "question": train[i]["question"],
+                "answer": train[i]["answer"].rsplit("####", 1)[-1].strip(),
+            }
             for i in idx
         ],
     )

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from distill_detect import cli
 from distill_detect.cli import main
 
 
@@ -17,7 +18,12 @@ from distill_detect.cli import main
 def qfiles(tmp_path):
     m = tmp_path / "members.jsonl"
     n = tmp_path / "non.csv"
-    m.write_text("".join(json.dumps({"id": f"m{i}", "question": f"Tom has {i} apples and buys {i + 3}. How many now?"}) + "\n" for i in range(5)))
+    m.write_text(
+        "".join(
+            json.dumps({"id": f"m{i}", "question": f"Tom has {i} apples and buys {i + 3}. How many now?"}) + "\n"
+            for i in range(5)
+        )
+    )
     n.write_text("id,question\n" + "".join(f"n{i},Sara runs {i} km a day for {i + 2} days. How far?\n" for i in range(5)))
     return m, n
 
@@ -25,7 +31,23 @@ def qfiles(tmp_path):
 def test_run_then_rescore_with_other_params_without_model(tmp_path, qfiles, tiny_dir, capsys):
     m, n = qfiles
     out = tmp_path / "out"
-    rc = main(["run", "--model", str(tiny_dir), "--members", str(m), "--nonmembers", str(n), "--out", str(out), "--max-new-tokens", "12", "--bootstrap", "50"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            str(tiny_dir),
+            "--members",
+            str(m),
+            "--nonmembers",
+            str(n),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "12",
+            "--bootstrap",
+            "50",
+        ]
+    )
     assert rc == 0
     table = capsys.readouterr().out
     assert "tpd" in table and "TPR@1%FPR" in table
@@ -37,7 +59,15 @@ def test_run_then_rescore_with_other_params_without_model(tmp_path, qfiles, tiny
     assert all(set(r) == {"id", "label", "tpd"} for r in rows)
     metrics = json.loads((out / "metrics.json").read_text())
     tpd = metrics["methods"]["tpd"]
-    assert set(tpd) >= {"auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_strict", "tpr_at_5pct_fpr", "n_members", "n_nonmembers"}
+    assert set(tpd) >= {
+        "auc",
+        "auc_ci",
+        "tpr_at_1pct_fpr",
+        "tpr_at_1pct_fpr_strict",
+        "tpr_at_5pct_fpr",
+        "n_members",
+        "n_nonmembers",
+    }
     assert tpd["n_members"] == 5 and tpd["n_nonmembers"] == 5 and 0 <= tpd["auc"] <= 1
     assert metrics["config"]["source"]["fingerprint"]["model"]["content_hash"]
     assert metrics["config"]["package_version"]
@@ -46,7 +76,25 @@ def test_run_then_rescore_with_other_params_without_model(tmp_path, qfiles, tiny
 
     # Rescoring with other hyperparameters reads the store only (no --model: nothing is loaded).
     out2 = tmp_path / "out2"
-    assert main(["score", "--run", str(out / "run"), "--out", str(out2), "--tpd-tokens", "5", "--tpd-alpha", "1.0", "--bootstrap", "50", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--run",
+                str(out / "run"),
+                "--out",
+                str(out2),
+                "--tpd-tokens",
+                "5",
+                "--tpd-alpha",
+                "1.0",
+                "--bootstrap",
+                "50",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     from distill_detect.detectors.tpd import tpd_score
     from distill_detect.pipeline import load_run_traces
 
@@ -67,7 +115,24 @@ def test_run_then_rescore_with_other_params_without_model(tmp_path, qfiles, tiny
 
 def test_generate_budget_and_label(tmp_path, qfiles, tiny_dir):
     m, _ = qfiles
-    assert main(["generate", "--model", str(tiny_dir), "--questions", str(m), "--out", str(tmp_path / "r"), "--max-new-tokens", "7", "--label", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_dir),
+                "--questions",
+                str(m),
+                "--out",
+                str(tmp_path / "r"),
+                "--max-new-tokens",
+                "7",
+                "--label",
+                "1",
+            ]
+        )
+        == 0
+    )
     from distill_detect.pipeline import load_run_traces
 
     traces, _, _ = load_run_traces(tmp_path / "r")
@@ -127,3 +192,17 @@ def test_console_script_is_installed_and_fast():
     code = "import sys, distill_detect.cli as c; c.build_parser(); print(sorted(m for m in ('torch','transformers','sklearn','matplotlib') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]"
+
+
+def test_threads_reach_the_cpu_backends_and_zero_is_refused():
+    from distill_detect.backends.capabilities import backend_kwargs
+    from distill_detect.errors import ConfigError
+
+    base = ["run", "--members", "m", "--nonmembers", "n", "--out", "o"]
+    args = cli.build_parser().parse_args(base + ["--threads", "3"])
+    assert backend_kwargs("llamacpp", args, {"model": "m"})["n_threads"] == 3
+    assert backend_kwargs("hf", args, {"model": "m"})["n_threads"] == 3
+    assert "n_threads" not in backend_kwargs("openai", args, {"model": "m"})
+    assert "n_threads" not in backend_kwargs("hf", cli.build_parser().parse_args(base), {"model": "m"})
+    with pytest.raises(ConfigError, match="--threads 0"):
+        backend_kwargs("hf", cli.build_parser().parse_args(base + ["--threads", "0"]), {"model": "m"})

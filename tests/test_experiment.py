@@ -11,7 +11,21 @@ import pytest
 
 from distill_detect.experiment import student_experiment
 
-ALL = ["tpd", "tpd_ref", "out_ppl", "out_min_k", "out_entropy", "out_max_prob", "loss", "zlib", "lowercase", "min_k", "min_k_pp", "dc_pdd", "reference"]
+ALL = [
+    "tpd",
+    "tpd_ref",
+    "out_ppl",
+    "out_min_k",
+    "out_entropy",
+    "out_max_prob",
+    "loss",
+    "zlib",
+    "lowercase",
+    "min_k",
+    "min_k_pp",
+    "dc_pdd",
+    "reference",
+]
 
 
 @pytest.mark.slow
@@ -45,5 +59,11 @@ def test_protocol_in_miniature_on_tiny_model(tmp_path, tiny_dir):
 
 
 def test_reproduce_script_help():
-    r = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--help"], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
+    r = subprocess.run(
+        [sys.executable, "benchmarks/reproduce.py", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[1],
+    )
     assert r.returncode == 0 and "--config" in r.stdout and "quick" in r.stdout

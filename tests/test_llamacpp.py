@@ -6,6 +6,8 @@ Skipped where llama-cpp-python is not installed (``pip install 'distill-detect[l
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,30 @@ def test_cli_runs_with_the_llamacpp_backend(tmp_path):
     traces, fp, _ = load_run_traces(out / "run")
     assert len(traces) == 2 and all(t.num_tokens <= 3 for t in traces)
     assert fp["backend"] == "llamacpp"
+
+
+def test_gguf_tokenizer_matches_hf_and_feeds_dc_pdd(lc, hf, questions):
+    from distill_detect.passes import build_token_freq_table
+
+    texts = [q.text for q in questions] + [q.response or "" for q in load_questions("bundled:gsm8k_gpt3")[:4]]
+    tok = lc.tok
+    assert len(tok) == len(hf.tok)
+    assert tok(texts)["input_ids"] == hf.tok(texts, add_special_tokens=False)["input_ids"]
+    # The same table from either tokenizer: DC-PDD reads the same frequencies on both backends.
+    np.testing.assert_array_equal(build_token_freq_table(tok, texts), build_token_freq_table(hf.tok, texts))
+    assert tok.cache_key().startswith("gguf-")
+
+
+def test_dc_pdd_scores_a_llamacpp_run(tmp_path, monkeypatch):
+    from distill_detect import cli
+
+    monkeypatch.setenv("DISTILL_DETECT_CACHE", str(tmp_path / "cache"))  # the frequency table is built here
+    out = tmp_path / "lc"
+    rc = cli.main(
+        ["run", "--backend", "llamacpp", "--members", "bundled:gsm8k_train_sample", "--nonmembers", "bundled:gsm8k_test",
+         "--limit", "2", "--max-new-tokens", "4", "--methods", "tpd,dc_pdd", "--bootstrap", "10", "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(np.isfinite(r["dc_pdd"]) for r in rows)
+    assert list((tmp_path / "cache" / "token_freq").glob("bundled-gguf-*.npy"))

@@ -41,7 +41,9 @@ class FakeBackend:
             n = min(max_new_tokens, 3 + len(q.text) % 5)
             lp = -np.linspace(0.01, 1.0, n).astype(np.float32)
             fin = "stop" if n < max_new_tokens else "length"
-            out.append(Trace(id=q.id, output_ids=np.arange(n), output_logprobs=lp, finish_reason=fin, max_new_tokens=max_new_tokens))
+            out.append(
+                Trace(id=q.id, output_ids=np.arange(n), output_logprobs=lp, finish_reason=fin, max_new_tokens=max_new_tokens)
+            )
         return out
 
 

@@ -197,6 +197,8 @@ def add_backend_args(p, *, shard: bool = False) -> None:
 
 
 _EXTRA_ARGS = {
+    "hf": {"threads": "n_threads"},
+    "llamacpp": {"threads": "n_threads"},
     "openai": {
         "base_url": "base_url",
         "api_key_env": "api_key_env",
@@ -231,6 +233,8 @@ def backend_kwargs(name: str, args, base: dict) -> dict:
                 raise ConfigError(f"--extra-body {value!r}: not valid JSON ({exc.msg})") from None
             if not isinstance(value, dict):
                 raise ConfigError("--extra-body must be a JSON object, e.g. '{\"repeat_penalty\": 1.0}'")
+        if arg == "threads" and value is not None and value < 1:
+            raise ConfigError(f"--threads {value}: give a positive number of CPU threads")
         if value is not None:
             out[kw] = value
     return out

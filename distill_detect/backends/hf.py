@@ -128,12 +128,16 @@ class HFBackend(Backend):
         prompt_logprobs: bool = True,
         trust_remote_code: bool = False,
         loaded=None,
+        n_threads: int | None = None,
     ):
         """``model``: 'default'/None, a local checkpoint directory or a hub id.
 
         ``loaded=(model, tokenizer, identity)`` wraps objects already in memory (tests, notebooks).
+        ``n_threads`` sets torch's CPU thread count for the whole process (``torch.set_num_threads``).
         """
         self.torch = require("torch", "hf", "The HF backend")
+        if n_threads is not None:
+            self.torch.set_num_threads(int(n_threads))
         transformers = require("transformers", "hf", "The HF backend")
         if loaded is not None:
             self.model, self.tok, identity = loaded

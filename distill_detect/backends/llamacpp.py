@@ -134,6 +134,31 @@ def _row_stats(x: np.ndarray, target: np.ndarray):
     return tok, lp.astype(np.float32), (a - lse).astype(np.float32), np.sqrt(np.maximum(b - a * a, 0.0)).astype(np.float32)
 
 
+class GGUFTokenizer:
+    """A GGUF model's tokenizer behind the three calls ``build_token_freq_table`` makes.
+
+    ``len(tok)`` is the vocabulary size, ``tok(texts, add_special_tokens=False)`` returns
+    ``{"input_ids": [[...], ...]}`` (plain text: special-token markup in the text is not parsed),
+    and ``cache_key()`` names the vocabulary for the table's on-disk cache.
+    """
+
+    def __init__(self, backend: LlamaCppBackend):
+        self._b = backend
+
+    def __len__(self) -> int:
+        return self._b.n_vocab
+
+    def __call__(self, texts, add_special_tokens: bool = False):
+        if isinstance(texts, str):
+            texts = [texts]
+        llm = self._b.llm
+        ids = [llm.tokenize(t.encode("utf-8"), add_bos=bool(add_special_tokens), special=False) for t in texts]
+        return {"input_ids": ids}
+
+    def cache_key(self) -> str:
+        return "gguf-" + self._b.identity["gguf_sha256"][:16]
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
@@ -191,6 +216,11 @@ class LlamaCppBackend(Backend):
         self._batch_cap = 0
 
     # -- vocabulary and prompts ------------------------------------------------------------------
+
+    @property
+    def tok(self) -> GGUFTokenizer:
+        """The GGUF's own tokenizer, in the shape DC-PDD's frequency table needs (no transformers)."""
+        return GGUFTokenizer(self)
 
     def _piece(self, token: int) -> str:
         if token is None or token < 0:

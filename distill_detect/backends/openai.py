@@ -500,9 +500,9 @@ def _prompt_token_count(pieces: list[str], offsets, prompt_text: str, echoed_tex
 
 
 def _stop_ids(tok) -> set[int]:
-    from distill_detect.backends.hf import _END_OF_TURN
+    from distill_detect.backends.base import END_OF_TURN
 
     ids = {tok.eos_token_id} if isinstance(tok.eos_token_id, int) else set()
     vocab = tok.get_vocab()
-    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
     return ids
