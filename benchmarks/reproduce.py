@@ -146,33 +146,116 @@ def table(metrics: dict) -> list[str]:
     return lines
 
 
-def sweep(cfg: dict, *, seed: int, work: Path) -> list[dict]:
+SWEEP_METHODS = ["tpd", "tpd_ref", "out_ppl", "out_max_prob", "loss", "min_k_pp", "reference"]
+
+
+def sweep(cfg: dict, *, seed: int, work: Path, only: set[str] | None = None) -> list[dict]:
+    """Run the sweep's settings (``only``: a subset) and return every setting's row computed so far.
+
+    Each setting's row is saved as ``work/sweep/NAME/sweep_row.json`` when it is first computed
+    (with the wall time of that computation), so the settings can be split over several
+    processes (``--sweep-settings``) and a last call without a subset gathers them all.
+    """
     rows = []
     for st in SWEEP["settings"]:
+        where = work / "sweep" / st["name"]
+        saved = where / "sweep_row.json"
+        if saved.exists():
+            rows.append(json.loads(saved.read_text()))
+            continue
+        if only is not None and st["name"] not in only:
+            continue
         t0 = time.time()
         over = {k: v for k, v in st.items() if k != "name"}
         say(f"sweep: {st['name']}")
         res = student_experiment(
             cfg,
             seed=seed,
-            work=work / "sweep" / st["name"],
-            methods=["tpd", "tpd_ref", "out_ppl", "out_max_prob", "loss", "min_k_pp", "reference"],
+            work=where,
+            methods=SWEEP_METHODS,
             pool_size=SWEEP["pool"],
             max_new_tokens=SWEEP["max_new_tokens"],
             ft_overrides=over,
             report=False,
         )
-        rows.append(
-            {
-                "name": st["name"],
-                **over,
-                "final_train_loss": res["train"].get("final_train_loss"),
-                "auc": {k: v["auc"] for k, v in res["metrics"].items()},
-                "tpr_at_5pct_fpr": {k: v["tpr_at_5pct_fpr"] for k, v in res["metrics"].items()},
-                "wall_s": time.time() - t0,
-            }
-        )
+        row = {
+            "name": st["name"],
+            **over,
+            "final_train_loss": res["train"].get("final_train_loss"),
+            "sizes": res["sizes"],
+            "auc": {k: v["auc"] for k, v in res["metrics"].items()},
+            "auc_ci": {k: v["auc_ci"] for k, v in res["metrics"].items()},
+            "tpr_at_5pct_fpr": {k: v["tpr_at_5pct_fpr"] for k, v in res["metrics"].items()},
+            "wall_s": round(time.time() - t0, 1),
+            "stage_times_s": {k: round(v, 1) for k, v in res["times"].items()},
+            "torch_threads": _torch_threads(),
+            "load_average_after": list(os.getloadavg()),
+        }
+        saved.write_text(json.dumps(row, indent=2, default=float) + "\n")
+        rows.append(row)
     return rows
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def write_sweep(rows: list[dict], *, name: str, cfg: dict, seed: int, results: Path) -> None:
+    """``<name>_sweep.{json,md,png}``: one row per setting, AUC against the final training loss."""
+    missing = [st["name"] for st in SWEEP["settings"] if st["name"] not in {r["name"] for r in rows}]
+    header = {
+        "model": "SmolLM2-135M-Instruct (embedded default, dequantised Q4_1 GGUF)",
+        "data": cfg["data"],
+        "pool": SWEEP["pool"],
+        "seed": seed,
+        "max_new_tokens": SWEEP["max_new_tokens"],
+        "batch_size": cfg["batch_size"],
+        "max_seq_len": cfg["max_seq_len"],
+        "machine": machine(),
+        "missing_settings": missing,
+    }
+    (results / f"{name}_sweep.json").write_text(json.dumps({"config": header, "rows": rows}, indent=2, default=float) + "\n")
+    if rows:
+        plot_sweep(rows, results / f"{name}_sweep.png")
+    sizes = rows[0]["sizes"] if rows else {}
+    md = [
+        f"# Memorisation sweep: {name}",
+        "",
+        f"- model: {header['model']}; one student per setting (separate fine-tunes from the same base)",
+        f"- data: `{cfg['data']}`, pool {SWEEP['pool']} -> {sizes.get('members', '?')} members / "
+        f"{sizes.get('nonmembers', '?')} non-members (seed {seed}); evaluated {sizes.get('evaluated', '?')}; "
+        f"trained on the {sizes.get('trained_on', '?')} evaluated members",
+        f"- fine-tune: batch {cfg['batch_size']}, cosine, 5% warm-up, max length {cfg['max_seq_len']}; epochs, learning rate "
+        "and full vs LoRA per row",
+        f"- generation: greedy, {SWEEP['max_new_tokens']} new tokens (TPD's M = {SWEEP['max_new_tokens']} effective)",
+        f"- machine: {header['machine']}",
+        "",
+        "| setting | final train loss | " + " | ".join(f"AUC {m}" for m in SWEEP_METHODS) + " | TPR@5%FPR tpd | wall |",
+        "|---|---|" + "---|" * len(SWEEP_METHODS) + "---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: -(r["final_train_loss"] or 0)):
+        md.append(
+            f"| {r['name']} | {_fmt(r['final_train_loss'])} | "
+            + " | ".join(_fmt(r["auc"].get(m)) for m in SWEEP_METHODS)
+            + f" | {_fmt(r['tpr_at_5pct_fpr'].get('tpd'), True)} | {r['wall_s'] / 60:.0f} min ({r.get('torch_threads', '?')} thread) |"
+        )
+    tpd_ci = {r["name"]: r.get("auc_ci", {}).get("tpd") for r in rows}
+    md += [
+        "",
+        "AUC 95% bootstrap intervals for TPD: "
+        + "; ".join(f"{k} [{_fmt(v[0])}, {_fmt(v[1])}]" for k, v in tpd_ci.items() if v)
+        + ". With this many questions per class an interval is about ±0.1 wide, so neighbouring rows differ only "
+        "where their intervals separate.",
+        "",
+    ]
+    if missing:
+        md += [f"Not run yet: {', '.join(missing)}.", ""]
+    if rows:
+        md += [f"![AUC against the final training loss]({name}_sweep.png)", ""]
+    (results / f"{name}_sweep.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 def plot_sweep(rows: list[dict], path: Path) -> None:
@@ -204,6 +287,14 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="gsm8k")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--sweep", action="store_true", help="also run the memorisation sweep (separate fine-tunes)")
+    ap.add_argument("--sweep-only", action="store_true", help="run only the memorisation sweep, not the main configuration")
+    ap.add_argument(
+        "--sweep-settings",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated sweep settings to compute in this process (others: only gathered if already done); "
+        f"known: {', '.join(st['name'] for st in SWEEP['settings'])}",
+    )
     ap.add_argument("--results", default=str(RESULTS), help="where the .md/.json results go")
     ap.add_argument("--work", default=None, help="working directory (default: the cache directory)")
     args = ap.parse_args(argv)
@@ -215,13 +306,24 @@ def main(argv=None) -> int:
     work = Path(args.work) if args.work else cache_dir() / "benchmarks" / name
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
+    only = None
+    if args.sweep_settings:
+        only = {x.strip() for x in args.sweep_settings.split(",") if x.strip()}
+        unknown = only - {st["name"] for st in SWEEP["settings"]}
+        if unknown:
+            ap.error(f"--sweep-settings: unknown {', '.join(sorted(unknown))}")
+    if args.sweep_only:
+        rows = sweep(cfg, seed=args.seed, work=work, only=only)
+        write_sweep(rows, name=name, cfg=cfg, seed=args.seed, results=results)
+        return 0
     t0 = time.time()
     say(f"config {args.config}: {cfg}; work dir {work}")
     res = student_experiment(
         cfg, seed=args.seed, work=work, methods=ALL_METHODS, pool_size=cfg["pool"], max_new_tokens=cfg["max_new_tokens"]
     )
-    sweep_rows = sweep(cfg, seed=args.seed, work=work) if args.sweep else None
     wall = time.time() - t0
+    if args.sweep:
+        write_sweep(sweep(cfg, seed=args.seed, work=work, only=only), name=name, cfg=cfg, seed=args.seed, results=results)
 
     import distill_detect
 
@@ -239,7 +341,7 @@ def main(argv=None) -> int:
         "stage_times_s": {k: round(v, 1) for k, v in res["times"].items()},
         "package_version": distill_detect.__version__,
     }
-    doc = {"methods": res["metrics"], "config": header, "ablations": res["ablations"], "sweep": sweep_rows}
+    doc = {"methods": res["metrics"], "config": header, "ablations": res["ablations"]}
     (results / f"{name}.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
 
     fig_lines = []
@@ -252,9 +354,6 @@ def main(argv=None) -> int:
             fig_lines = [f"![TPD ablations]({png.name})", ""]
         except Exception as exc:  # the figure is a nicety; the numbers are in the .json
             say(f"ablation figure failed: {exc}")
-    if sweep_rows:
-        plot_sweep(sweep_rows, results / f"{name}_sweep.png")
-
     md = [
         f"# Reproduction in miniature: {name}",
         "",
@@ -276,24 +375,6 @@ def main(argv=None) -> int:
         "",
         *fig_lines,
     ]
-    if sweep_rows:
-        md += [
-            "## Memorisation sweep",
-            "",
-            "| setting | final train loss | "
-            + " | ".join(f"AUC {m}" for m in ("tpd", "tpd_ref", "out_ppl", "out_max_prob", "loss", "min_k_pp", "reference"))
-            + " |",
-        ]
-        md += ["|---|---|" + "---|" * 7]
-        for r in sweep_rows:
-            md.append(
-                f"| {r['name']} | {_fmt(r['final_train_loss'])} | "
-                + " | ".join(
-                    _fmt(r["auc"].get(m)) for m in ("tpd", "tpd_ref", "out_ppl", "out_max_prob", "loss", "min_k_pp", "reference")
-                )
-                + " |"
-            )
-        md += ["", f"![sweep]({name}_sweep.png)", ""]
     (results / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -67,3 +67,36 @@ def test_reproduce_script_help():
         cwd=Path(__file__).parents[1],
     )
     assert r.returncode == 0 and "--config" in r.stdout and "quick" in r.stdout
+
+
+@pytest.mark.slow
+def test_sweep_splits_over_processes_and_gathers(tmp_path, tiny_dir, monkeypatch):
+    """Settings computed by separate calls (as separate processes would) are gathered by a last call."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import reproduce
+
+    monkeypatch.setitem(reproduce.SWEEP, "pool", 20)
+    monkeypatch.setitem(reproduce.SWEEP, "max_new_tokens", 6)
+    monkeypatch.setitem(
+        reproduce.SWEEP,
+        "settings",
+        [{"name": "a-e1", "epochs": 1, "learning_rate": 1e-3}, {"name": "b-e2", "epochs": 2, "learning_rate": 1e-3}],
+    )
+    monkeypatch.setattr(reproduce, "SWEEP_METHODS", ["tpd", "out_ppl", "loss"])
+    cfg = dict(data="bundled:gsm8k_gpt3", epochs=1, learning_rate=1e-3, batch_size=4, max_seq_len=256, gen_batch=8,
+               train_on="evaluated", base=str(tiny_dir))  # fmt: skip
+    work, results = tmp_path / "w", tmp_path / "r"
+    results.mkdir()
+    first = reproduce.sweep(cfg, seed=1, work=work, only={"b-e2"})
+    assert [r["name"] for r in first] == ["b-e2"] and first[0]["epochs"] == 2
+    reproduce.write_sweep(first, name="t", cfg=cfg, seed=1, results=results)
+    assert "Not run yet: a-e1" in (results / "t_sweep.md").read_text()
+    reproduce.sweep(cfg, seed=1, work=work, only={"a-e1"})
+    saved = json.loads((work / "sweep" / "b-e2" / "sweep_row.json").read_text())
+    gathered = reproduce.sweep(cfg, seed=1, work=work, only=set())  # computes nothing, gathers both
+    assert [r["name"] for r in gathered] == ["a-e1", "b-e2"] and gathered[1] == saved
+    assert gathered[0]["final_train_loss"] > gathered[1]["final_train_loss"] > 0  # two epochs fit harder than one
+    reproduce.write_sweep(gathered, name="t", cfg=cfg, seed=1, results=results)
+    doc = json.loads((results / "t_sweep.json").read_text())
+    assert doc["config"]["missing_settings"] == [] and (results / "t_sweep.png").stat().st_size > 0
+    assert "Not run yet" not in (results / "t_sweep.md").read_text()
