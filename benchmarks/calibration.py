@@ -67,6 +67,7 @@ FULL = dict(
     alpha=0.05,
     n_boot=1000,
     max_steps=None,
+    null_draws=10000,
 )
 QUICK = dict(
     FULL,
@@ -84,6 +85,7 @@ QUICK = dict(
     gen_batch=12,
     n_boot=50,
     max_steps=2,
+    null_draws=200,
 )
 
 
@@ -270,6 +272,28 @@ def draw_audits(cfg: dict, seed: int, sc: dict) -> list[dict]:
     return rows
 
 
+def null_rejections(cfg: dict, seed: int, sc: dict, draws: int) -> dict:
+    """The dataset test alone on many clean benchmarks (0% contamination) from this student's scores.
+
+    The 50 full audits per fraction are too few to pin the test's false-positive rate near
+    alpha; the test costs microseconds, so this redraws ``draws`` clean benchmarks (n unseen
+    questions against a disjoint reference of m, both from the unseen pool) and counts how
+    often it rejects at alpha, with the same test the audit runs.
+    """
+    import numpy as np
+
+    from distill_detect.audit import dataset_test
+
+    uns = np.asarray(sc["unseen_scores"])
+    n, m = cfg["n_bench"], cfg["n_ref"]
+    rng = np.random.default_rng([seed, 20240602])
+    k = 0
+    for _ in range(draws):
+        perm = rng.permutation(uns.size)
+        k += dataset_test(uns[perm[m : m + n]], uns[perm[:m]]).pvalue < cfg["alpha"]
+    return _rate(int(k), draws)
+
+
 def _rate(k: int, n: int) -> dict:
     from scipy.stats import binomtest
 
@@ -386,7 +410,8 @@ def markdown(doc: dict, png_name: str) -> str:
         f"{c['draws']} draws per fraction and seed; FDR {fdr:g}, alpha {alpha:g}, {c['n_boot']} bootstrap resamples",
         f"- seeds: {', '.join(str(s) for s in h['seeds'])}",
         f"- machine: {h['machine']}",
-        f"- wall time: {h['wall_time_s'] / 60:.1f} min",
+        f"- wall time of this invocation: {h['wall_time_s'] / 60:.1f} min; students' fine-tunes and generations, as first "
+        f"computed: {sum(st['times'].get('finetune_s', 0) + st['times'].get('generate_s', 0) for st in doc['students']) / 60:.1f} min",
         "",
         "## How contamination is controlled, and what that means",
         "",
@@ -472,6 +497,19 @@ def checks(summary: list[dict], cfg: dict) -> list[str]:
     return out
 
 
+def null_check_lines(null_checks: dict, cfg: dict) -> list[str]:
+    alpha = cfg["alpha"]
+    out = []
+    for seed, r in null_checks.items():
+        lo, hi = r["ci95"]
+        verdict = "within the nominal level" if lo <= alpha else "EXCEEDS the nominal level"
+        out.append(
+            f"dataset test alone on {r['n']} clean benchmarks redrawn from seed {seed}'s unseen questions: rejects "
+            f"{_pct(r['rate'])} (95% CI {_pct(lo)}–{_pct(hi)}) at alpha {alpha:g}: {verdict}"
+        )
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one student per seed (default: 0 1)")
@@ -479,6 +517,12 @@ def main(argv=None) -> int:
         "--quick", action="store_true", help="tiny random model and tiny sizes: checks the machinery, not the numbers"
     )
     ap.add_argument("--draws", type=int, default=None, help="benchmarks drawn per fraction and seed (default 50; quick 4)")
+    ap.add_argument(
+        "--null-draws",
+        type=int,
+        default=None,
+        help="clean benchmarks per seed for the dataset test's false-positive rate alone (default 10000; quick 200)",
+    )
     ap.add_argument(
         "--results", default=None, help="where calibration.{md,json,png} go (default benchmarks/results; quick: the work dir)"
     )
@@ -500,12 +544,20 @@ def main(argv=None) -> int:
 
     students, rows, factors = [], [], {}
     tpd_params, model = None, None
+    null_checks = {}
     for seed in args.seeds:
         sc = student_scores(cfg, seed, work / f"seed{seed}", base)
+        # A re-run finds the student and its traces done: report the times of the run that made them.
+        saved_times = work / f"seed{seed}" / "times.json"
+        if sc["times"].get("generated_tokens", 0) == 0 and saved_times.exists():
+            sc["times"] = json.loads(saved_times.read_text())
+        else:
+            saved_times.write_text(json.dumps(sc["times"]) + "\n")
         prof = detector_profile(sc["member_scores"], sc["unseen_scores"])
         factors[seed] = prof["detectable_factor"]
         t = time.time()
         rows += draw_audits(cfg, seed, sc)
+        null_checks[seed] = null_rejections(cfg, seed, sc, args.null_draws or cfg["null_draws"])
         sc["times"]["audits_s"] = time.time() - t
         tpd_params, model = sc["tpd_params"], sc["model"]
         students.append(
@@ -553,7 +605,8 @@ def main(argv=None) -> int:
         "min_flaggable": min_flaggable,
         "students": students,
         "summary": summary,
-        "checks": checks(summary, cfg),
+        "null_check": {str(k): v for k, v in null_checks.items()},
+        "checks": checks(summary, cfg) + null_check_lines(null_checks, cfg),
         "draws": rows,
     }
     (results / f"{name}.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")

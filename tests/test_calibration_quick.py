@@ -67,3 +67,19 @@ def test_quick_calibration_writes_results(tmp_path, capsys):
     assert "calibration_quick.png" in md
     png = (res / "calibration_quick.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # The dataset test alone on many clean benchmarks per seed: its false-positive rate with a tight interval.
+    assert sorted(doc["null_check"]) == ["0", "1"]
+    for r in doc["null_check"].values():
+        assert r["n"] == cfg["null_draws"] and 0 <= r["rate"] <= 1 and r["ci95"][0] <= r["rate"] <= r["ci95"][1]
+    assert sum("clean benchmarks redrawn" in c for c in doc["checks"]) == len(seeds)
+
+    # A re-run reuses the students and traces and reports the times of the run that made them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cal.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(res)]) == 0
+    capsys.readouterr()
+    again = json.loads((res / "calibration_quick.json").read_text())
+    for a, b in zip(again["students"], doc["students"]):
+        assert a["times"]["finetune_s"] == b["times"]["finetune_s"] and a["times"]["generated_tokens"] > 0
+    assert again["draws"] == doc["draws"]
