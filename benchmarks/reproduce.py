@@ -196,6 +196,10 @@ def sweep(cfg: dict, *, seed: int, work: Path, only: set[str] | None = None) -> 
     return rows
 
 
+def _threads(n) -> str:
+    return "? threads" if n is None else f"{n} thread{'' if n == 1 else 's'}"
+
+
 def _torch_threads() -> int:
     import torch
 
@@ -239,7 +243,7 @@ def write_sweep(rows: list[dict], *, name: str, cfg: dict, seed: int, results: P
         md.append(
             f"| {r['name']} | {_fmt(r['final_train_loss'])} | "
             + " | ".join(_fmt(r["auc"].get(m)) for m in SWEEP_METHODS)
-            + f" | {_fmt(r['tpr_at_5pct_fpr'].get('tpd'), True)} | {r['wall_s'] / 60:.0f} min ({r.get('torch_threads', '?')} thread) |"
+            + f" | {_fmt(r['tpr_at_5pct_fpr'].get('tpd'), True)} | {r['wall_s'] / 60:.0f} min ({_threads(r.get('torch_threads'))}) |"
         )
     tpd_ci = {r["name"]: r.get("auc_ci", {}).get("tpd") for r in rows}
     md += [
