@@ -33,26 +33,13 @@ import sys
 import time
 from pathlib import Path
 
+from distill_detect.detectors import REGISTRY  # noqa: E402
 from distill_detect.experiment import say, student_experiment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-ALL_METHODS = [
-    "tpd",
-    "tpd_ref",
-    "out_ppl",
-    "out_min_k",
-    "out_entropy",
-    "out_max_prob",
-    "loss",
-    "zlib",
-    "lowercase",
-    "min_k",
-    "min_k_pp",
-    "dc_pdd",
-    "reference",
-]
+ALL_METHODS = list(REGISTRY)  # every detector the package has
 
 CONFIGS = {
     # 500-question pool -> 400 members / 100 non-members; 100 + 100 evaluated.

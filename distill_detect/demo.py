@@ -18,24 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = [
-    "tpd",
-    "tpd_ref",
-    "out_ppl",
-    "out_min_k",
-    "out_entropy",
-    "out_max_prob",
-    "loss",
-    "zlib",
-    "lowercase",
-    "min_k",
-    "min_k_pp",
-    "dc_pdd",
-    "reference",
-]
-
 
 def main(argv: list[str] | None = None) -> int:
+    from distill_detect.detectors import REGISTRY  # every detector
     from distill_detect.experiment import say, student_experiment
     from distill_detect.models import cache_dir
     from distill_detect.scoring import format_table
@@ -62,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     work = cache_dir() / "demo" / f"pool{a.pool}-e{a.epochs}-lr{a.lr}-t{a.max_new_tokens}-s{a.seed}"
     say(f"demo: distil SmolLM2-135M-Instruct on GSM8K members, then audit it (work dir {work})")
-    res = student_experiment(cfg, seed=a.seed, work=work, methods=METHODS, pool_size=a.pool, max_new_tokens=a.max_new_tokens)
+    res = student_experiment(
+        cfg, seed=a.seed, work=work, methods=list(REGISTRY), pool_size=a.pool, max_new_tokens=a.max_new_tokens
+    )
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)
