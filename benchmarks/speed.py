@@ -42,60 +42,88 @@ if str(ROOT) not in sys.path:
 FINDINGS = """
 ## Reading these numbers
 
-The machine was shared with other jobs (load 2.4-4.8 on 2 cores during the run), so every
-row ran with 1 thread: with 2 threads, torch's OpenMP and llama.cpp's thread pool spin at
-barriers and a descheduled thread stalls the other (measured during this work: HF batch 8 at
-~6 tok/s with 2 threads vs 9-17 with 1; llama.cpp 23 ms/token with 1 thread vs 0.1-5 s with
-2). Row-to-row noise is about ±15% (hf_b8_prompt_logprobs, which does more work than hf_b8,
-came out faster): single-row differences below that are not resolved by this run.
+This run had the machine to itself (load about 1 before it; its own two threads add about 2),
+so every row ran with 2 threads. One row measures the same code as hf_b8 now (the growing
+cache is only used when the fused forward is off; see below): hf_b8_without_cache ran 2.5%
+faster than hf_b8, which is the noise of one row here. Differences under ~6% are not resolved.
+The earlier run in git history (1 thread under a load of 2.4-4.8 from other jobs, before the
+fused forward) is not comparable row by row.
+
+The "% peak (prompt + generated)" column counts every prompt token, also the shared system
+prefix that the fused path runs once per batch; counting only the tokens computed, hf_b128 is
+at 38.8% (hf_b64 36.2%, naive_b32 19.8%).
 
 ## The HF path: what was tried and what it gave
 
 Kept (each can be switched off in `_disable`; the `_without_` rows):
 
+- The fused CPU forward of `distill_detect/backends/fused.py` for llama/mistral/qwen2
+  checkpoints: q/k/v and gate/up as one product each (the transformers modules keep views
+  into the fused weights, so no memory is doubled), grouped-query attention against the
+  cache without repeating key/value heads, one preallocated KV cache; the chat template's
+  shared prefix (24 tokens here) run once per batch and copied to every row; the rest of the
+  prompts run in groups of similar length (rows x length <= 2048) instead of one batch padded
+  to its longest prompt (a sorted batch of 64 held 8576 padded positions for 4264 real ones);
+  finished rows leave the batch once they are an eighth of it, by moving only the survivors
+  from the end into the freed rows. Measured: hf_b64 1.34x with it (229.0 vs 170.3 tok/s),
+  hf_b8 1.07x (within the noise). In a split timing at batch 64 with 1 thread the prefill
+  went from 27.2 s to 13.5 s and a decoding step stayed at ~330 ms: the gain is the prefill.
 - Transposed (column-major) linear weights, so the BLAS does not repack each weight on every
   small-batch product: 1.5-2x per product at batch 8 in a microbenchmark (576x1536: 38 -> 76
-  GFLOP/s; the 576x49152 output head: 17 -> 28), ~1.1x end to end (row without_layout).
-  Costs ~0.4 GB of extra peak RSS here (the safetensors pages stay mapped beside the copies).
-- KV cache written in place into buffers sized for prompt + budget (the stock cache
-  concatenates the whole cache at every step): ~1.04x at 128 tokens, growing with the length.
+  GFLOP/s; the 576x49152 output head: 17 -> 28); hf_b8 1.11x with it.
 - Per-step statistics from one exponential pass, kept in preallocated tensors until the batch
-  ends (no [B, V] log-softmax, no per-step `.tolist()`): ~1.02x (the full-vocabulary pass is
-  ~1% of a step at batch 8).
+  ends (no [B, V] log-softmax, no per-step `.tolist()`): within the noise at batch 8 (the
+  full-vocabulary pass is ~1% of a step there); kept because it costs nothing.
 - With prompt log-probs, the prefill projects onto the vocabulary only the question span and
-  the last position, not the system turn and template (~35 of ~94 prompt positions here).
-- Together: hf_b8 vs hf_b8_without_all, 1.27x. Already there before this work: decoding stops
-  at the budget the methods read (TPD-only: M tokens, checked by
-  tests/test_speed_contracts.py), batches of similar length, finished rows leave the batch.
+  the last position: within the noise at batch 8 in this run (1.12x in the earlier one).
+- For transformers' own forward (GPU, other architectures): a KV cache written in place
+  instead of concatenated every step, 1.04x at 128 tokens in the earlier run.
+- Together: hf_b8 1.40x over hf_b8_without_all. Already there before: decoding stops at the
+  budget the methods read (TPD-only: M tokens, tests/test_speed_contracts.py), batches of
+  similar length.
 
 Tried and not kept:
 
-- bfloat16 weights (avx512_bf16; no AMX in this VM): in a paired run (same process,
-  alternating) slower than float32 at batch 1 (10 vs 16.5 tok/s decoding), 8 (57 vs 65) and
-  32 (124 vs 138), and outside the 1e-4 contract. The hf_b8_bf16 row above, faster, is within
-  the noise. `--dtype bfloat16` stays available, not the default.
-- Eager attention instead of SDPA: decoding at batch 32 fell from 150-175 to 78 tok/s.
+- bfloat16 weights (avx512_bf16; no AMX in this VM): hf_b8_bf16 77.3 vs 85.4 tok/s float32,
+  and outside the 1e-4 contract. `--dtype bfloat16` stays available, not the default.
+- Eager attention instead of SDPA (transformers path): batch 32 fell from 150-175 to 78 tok/s.
+- Other decode attention formulations (microbenchmark, batch 128, 160 cached positions, 2
+  threads): the grouped matmul kept here 1.70 ms per layer, SDPA with `enable_gqa` 2.6-2.8 ms,
+  keys-by-queries matmul the same as queries-by-keys, an elementwise product-and-sum 18.6 ms
+  for the scores alone.
 - MKL packed weights (`torch.ops.mkl._mkl_linear`): 0-15% over the transposed layout in the
-  microbenchmark, through an internal op; not adopted.
-- torch.compile and transformers' StaticCache: not adopted, not timed. Shapes change every
-  step (cache length) and whenever a row finishes; a static cache would attend over the whole
-  budget at every step and keep finished rows, and compiling costs minutes on 2 shared cores.
+  microbenchmark, through an internal op.
+- Prompt-lookup speculative decoding (drafting from n-grams of the prompt and output, exact
+  under greedy verification), simulated on 64 of these greedy outputs before building it:
+  1.5-1.8 tokens per forward at 2.4-6 positions per forward. At batch 1 a forward of 4
+  positions cost 1.4x one of 1 position in the products microbenchmark, so at best ~1.15x:
+  not built.
+- torch.compile and a static cache: not timed. Shapes change every step and whenever rows
+  leave the batch, and compiling costs minutes on 2 cores.
 
 ## Against the targets
 
-- HF >= 3x naive at equal batch: not reached; 1.1x at batch 1, 1.2-1.5x at 8, 1.5x at 32,
-  with identical tokens and log-probs within 3e-5. Both paths spend most of a step in the
-  same matrix products: at batch 1 a step reads all 540 MB of float32 weights (~10 GB/s copy
-  bandwidth here, so >= 54 ms/token whoever calls it). The naive path also holds every
-  step's scores (peak RSS 4.0 GB vs 2.1 GB at batch 32). The larger saving is in what is
-  decoded, not how fast: TPD reads 300 tokens where the paper's code decodes 1000.
-- >= 50% of the matmul peak at the best batch: not reached; ~25% counting generated tokens
-  only, ~44% counting prompt tokens too (the prefill runs at 60-75% of peak). The rest of a
-  decoding step goes to SDPA attention over padded batches (~14% of the time at batch 32),
-  elementwise work (RMSNorm, rotary, SiLU: ~12%) and small-M products below peak.
-- llama.cpp with log-probs >= 80% of its own greedy speed: yes (llamacpp_ours_b1 vs
-  llamacpp_plain_b1; reading the log-prob costs nothing measurable: compare ours_nolp).
-  llama-cpp-python's `logprobs` option needs `logits_all=True` and runs at a third.
+- HF >= 3x naive at equal batch: not reached, and not reachable with float32 products on
+  this machine. Ours is 1.41x / 1.35x / 1.63x the naive path at batch 1 / 8 / 32 with
+  identical tokens and log-probs within 3.1e-5. The ceiling table above times the step's
+  matrix products alone: 27 / 142 / 307 tok/s at batch 1 / 8 / 32, below 3x naive (55 / 190 /
+  334) at every batch. At batch 1 ours runs at 95% of that ceiling (a step reads all 540 MB of
+  float32 weights: 37.7 ms, 14 GB/s). Beating it needs fewer bytes per weight (bf16/int8:
+  outside the 1e-4 contract, and bf16 was slower here) or several tokens per weight read
+  (speculative decoding: ~1.15x at best on these outputs, see above).
+- >= 50% of the matmul peak at the best batch: not reached. Batch 128: 244.5 tok/s = 24.8%
+  of 275 GFLOP/s counting generated tokens (280 MFLOP each at the mean context of 155), 38.8%
+  counting the prompt tokens computed too. A profile of decoding steps at batch 128 (2
+  threads, steps 60-70): the products take 177 ms per step, at their measured ceiling (174 ms);
+  attention over the cache 108 ms (29%: 384 small matrix products per layer, ~9 GB/s); norms,
+  rotary, SiLU and the per-step statistics ~85 ms. The prefill of 128 prompts took 13.1 s of
+  57.8 s. Even with no attention and no overhead (prefill at peak, steps at the products
+  ceiling of 735 tok/s) the generated-token reading tops out near 53% at batch 128.
+- llama.cpp with log-probs >= 80% of its own greedy speed: yes, 112% (llamacpp_ours_b1 65.5
+  vs llamacpp_plain_b1 58.7 tok/s); reading the log-prob costs nothing measurable (compare
+  ours_nolp). llama-cpp-python's `logprobs` option needs `logits_all=True` and runs at 23%.
+- TPD-only audit of N questions decodes <= N(M+1) tokens: yes, exactly N x M stored and
+  decoded in tests/test_speed_contracts.py.
 
 ## The llamacpp backend
 
@@ -159,6 +187,40 @@ def matmul_peak(n: int = 2048, reps: int = 8) -> dict:
         torch.mm(a, b, out=c)
         best = min(best, time.perf_counter() - t)
     return {"n": n, "gflops": 2 * n**3 / best / 1e9, "seconds": best}
+
+
+def step_products(model_dir: str, batches, reps: int = 3) -> dict:
+    """Time of the matrix products of one decoding step alone, per batch size: a ceiling.
+
+    Random float32 weights with the model's shapes (one copy per layer, so they are read from
+    memory as in a real step; fused q/k/v and gate/up as the backend holds them), multiplied by
+    a batch of rows, best of ``reps``. Attention, norms and the rest of a step come on top, so
+    no decoder built on these products can beat batch / this time.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    d, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", hq) or hq
+    hd = getattr(cfg, "head_dim", None) or d // hq
+    shapes = [(d, (hq + 2 * hkv) * hd), (hq * hd, d), (d, 2 * f), (f, d)]
+    layers = [[torch.randn(k, n) for k, n in shapes] for _ in range(cfg.num_hidden_layers)]
+    head = torch.randn(d, V)
+    out = {}
+    for b in batches:
+        xs = {k: torch.randn(b, k) for k in {k for k, _ in shapes}}
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            for ws in layers:
+                for (k, _), w in zip(shapes, ws):
+                    torch.mm(xs[k], w)
+            torch.mm(xs[d], head)
+            best = min(best, time.perf_counter() - t)
+        out[str(b)] = {"ms": best * 1e3, "tok_s": b / best}
+    return out
 
 
 def flops_per_token(model_dir: str) -> dict:
@@ -285,6 +347,8 @@ def _disable(what) -> None:
         hfmod.HFBackend._emit = emit
     if "narrow" in what:  # project every prefill position onto the vocabulary
         hfmod.HFBackend._narrow_prefill = False
+    if "fused" in what:  # transformers' own modules instead of backends/fused.py
+        hfmod.HFBackend._use_fused = False
 
 
 def worker_hf(cfg: dict) -> dict:
@@ -468,7 +532,7 @@ def _forced_agreement(hf_traces: list[dict], gguf: str, threads: int | None) -> 
 
 def _plan(quick: bool, has_llamacpp: bool, model_dir: str, gguf: str | None, threads: int | None) -> list[dict]:
     T = 12 if quick else 128
-    n_for = (lambda b: max(b, 2)) if quick else (lambda b: {1: 8, 8: 16, 32: 32, 64: 64}[b])
+    n_for = (lambda b: max(b, 2)) if quick else (lambda b: {1: 8, 8: 16, 32: 32, 64: 64, 128: 128}[b])
     batches = [1, 8] if quick else [1, 8, 32]
     hf = {"tokens": T, "model": model_dir, "threads": threads}
     plan = []
@@ -477,10 +541,12 @@ def _plan(quick: bool, has_llamacpp: bool, model_dir: str, gguf: str | None, thr
         plan.append({"name": f"hf_b{b}", "kind": "hf", "batch": b, "n": n_for(b), **hf})
     if not quick:
         plan.append({"name": "hf_b64", "kind": "hf", "batch": 64, "n": 64, **hf})
+        plan.append({"name": "hf_b128", "kind": "hf", "batch": 128, "n": 128, **hf})
+        plan.append({"name": "hf_b64_without_fused", "kind": "hf", "batch": 64, "n": 64, "disable": ["fused"], **hf})
         plan.append({"name": "hf_b8_prompt_logprobs", "kind": "hf", "batch": 8, "n": 16, "prompt_logprobs": True, **hf})
         plan.append({"name": "hf_b8_bf16", "kind": "hf", "batch": 8, "n": 16, "dtype": "bfloat16", **hf})
         # What each optimisation buys: batch 8 with one of them switched off (and all of them).
-        for off in ("layout", "cache", "stats"):
+        for off in ("fused", "layout", "cache", "stats"):
             plan.append({"name": f"hf_b8_without_{off}", "kind": "hf", "batch": 8, "n": 16, "disable": [off], **hf})
         plan.append(
             {
@@ -494,7 +560,14 @@ def _plan(quick: bool, has_llamacpp: bool, model_dir: str, gguf: str | None, thr
             }
         )
         plan.append(
-            {"name": "hf_b8_without_all", "kind": "hf", "batch": 8, "n": 16, "disable": ["layout", "cache", "stats"], **hf}
+            {
+                "name": "hf_b8_without_all",
+                "kind": "hf",
+                "batch": 8,
+                "n": 16,
+                "disable": ["fused", "layout", "cache", "stats"],
+                **hf,
+            }
         )
     if has_llamacpp:
         n = 2 if quick else 8
@@ -524,7 +597,7 @@ def write_report(doc: dict, out_dir: Path) -> Path:
         "",
         f"Machine: {m['cpu']} ({', '.join(m['simd'])}), {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} thread(s), "
         f"Python {m['python']}. Load average at start {m['loadavg_start']}, at end {m['loadavg_end']} "
-        "(the machine was shared: numbers move with the load; each row shows the 1-minute load before and after it).",
+        "(each row shows the 1-minute load before and after it; this script's own run adds about 1 per thread).",
         "",
         f"Matmul peak measured in this run: **{doc['matmul_peak_1thread']['gflops']:.0f} GFLOP/s** with 1 thread"
         + (f", {peak:.0f} GFLOP/s with {m['torch_threads']}" if m["torch_threads"] != 1 else " (every row ran with 1 thread)")
@@ -558,6 +631,25 @@ def write_report(doc: dict, out_dir: Path) -> Path:
             f"{ag['token_match_fraction']:.3f}, identical-prefix fraction {ag['identical_prefix_fraction']:.3f}; "
             f"max |Δ logprob| on the identical prefix {ag['max_abs_dlogprob_on_identical_prefix']:.2e}"
         )
+    if doc.get("step_products"):
+        lines += [
+            "",
+            "## The ceiling: a decoding step's matrix products alone",
+            "",
+            f"One step's products (every layer's weights, the output head included, float32, {m['torch_threads']} thread(s)) "
+            "timed alone on random weights of the model's shapes, read from memory as in a real step. "
+            "No decoder built on these kernels decodes faster than batch / this time; attention over the cache, "
+            "norms and the prefill come on top.",
+            "",
+            "| batch | ms per step | ceiling tok/s | naive tok/s (this run) | 3 x naive |",
+            "|---|---|---|---|---|",
+        ]
+        for b, v in doc["step_products"].items():
+            nv = r.get(f"naive_b{b}", {})
+            nv_s = nv.get("tok_s") if "error" not in nv else None
+            lines.append(
+                f"| {b} | {v['ms']:.1f} | {v['tok_s']:.0f} | {_fmt(nv_s, 1) if nv_s else '—'} | {_fmt(3 * nv_s, 0) if nv_s else '—'} |"
+            )
     if doc.get("notes"):
         lines += ["", "## Notes (computed from this run)", ""] + [f"- {n}" for n in doc["notes"]]
     if not doc["quick"]:
@@ -615,6 +707,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(nthreads)
     print(f"matmul peak: {peak['gflops']:.1f} GFLOP/s ({nthreads} threads), {peak1['gflops']:.1f} (1 thread)", flush=True)
     fl = flops_per_token(model_dir)
+    floor = step_products(model_dir, [1, 8, 32] if args.quick else [1, 8, 32, 64, 128])
+    print("products of one step alone: " + ", ".join(f"b{b} {v['tok_s']:.0f} tok/s" for b, v in floor.items()), flush=True)
     plan = _plan(args.quick, has_llamacpp, model_dir, gguf, args.threads)
     if args.only:
         keep = set(args.only.split(","))
@@ -676,15 +770,12 @@ def main(argv=None) -> int:
             f"best HF batch here: {best['batch']} at {best['tok_s']:.1f} tok/s = {best['pct_peak']:.1f}% of the measured matmul peak "
             f"(at a mean context of {mean_ctx:.0f} tokens: {per_tok / 1e6:.0f} MFLOP/token)"
         )
-    base = results.get("hf_b8")
     for name, res in results.items():
-        if "_without_" in name and "error" not in res and base and "error" not in base:
-            ref = results.get("hf_b8_prompt_logprobs") if "prompt_logprobs" in name else base
+        if "_without_" in name and "error" not in res:
+            with_name, what = name.split("_without_")
+            ref = results.get(with_name)
             if ref and "error" not in ref:
-                what = name.split("_without_")[1]
-                notes.append(
-                    f"{what}: hf_b8{'_prompt_logprobs' if 'prompt' in name else ''} runs {ref['tok_s'] / res['tok_s']:.2f}x as fast with it as without"
-                )
+                notes.append(f"{what}: {with_name} runs {ref['tok_s'] / res['tok_s']:.2f}x as fast with it as without")
     lp, plain, ours = (results.get(f"llamacpp_{k}_b1") for k in ("logprobs", "plain", "ours"))
     if plain and ours and "error" not in plain and "error" not in ours:
         notes.append(
@@ -703,6 +794,7 @@ def main(argv=None) -> int:
         "matmul_peak": peak,
         "matmul_peak_1thread": peak1,
         "flops_per_token": {**fl, "mean_context": mean_ctx, "total_at_mean_context": per_tok},
+        "step_products": floor,
         "results": results,
         "agreement": agree,
         "notes": [n for n in notes if n],

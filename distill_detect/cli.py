@@ -59,6 +59,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for the hf and llamacpp backends (default: torch's / every core); 1 is fastest on a busy machine",
     )
+    g.add_argument(
+        "--no-fused",
+        dest="fused",
+        action="store_const",
+        const=False,
+        default=None,
+        help="hf backend on CPU: decode through transformers' modules instead of the fused Llama-family forward",
+    )
     g.add_argument("--max-new-tokens", type=int, default=1000, help="cap on generated tokens (default: 1000)")
     g.add_argument("--no-prompt-logprobs", action="store_true", help="skip question-token log-probs (only TPD/output methods)")
 

@@ -354,7 +354,7 @@ def one_thread():
 @pytest.mark.slow
 def test_ctrl_c_says_how_far_it_got_and_the_same_command_resumes(tiny_dir, tmp_path, capsys, one_thread):
     """SIGINT to the real CLI on the tiny model mid-run: exit 130, one line with the count and how to resume."""
-    n = 16
+    n = 40  # long enough that the run is still far from its end when the second question is seen stored
     qfile = tmp_path / "q.jsonl"
     qfile.write_text(
         "".join(json.dumps({"id": f"c{i}", "question": f"Count {i} sheep, then {i + 3} goats."}) + "\n" for i in range(n))
@@ -612,17 +612,22 @@ def test_out_of_memory_names_batch_size_and_a_smaller_batch_then_works(tiny_dir,
     import torch
     from transformers import LlamaForCausalLM
 
-    real_forward = LlamaForCausalLM.forward
+    from distill_detect.backends.fused import FusedLlama
 
-    def forward(self, *args, **kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.shape[0] > 1:
-            if kind == "torch":
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-            raise RuntimeError("CUDA error: out of memory")
-        return real_forward(self, *args, **kwargs)
+    def failing(real, ids_at):
+        def forward(self, *args, **kwargs):
+            ids = kwargs.get("input_ids", kwargs.get("ids", args[ids_at] if len(args) > ids_at else None))
+            if ids is not None and ids.shape[0] > 1:
+                if kind == "torch":
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                raise RuntimeError("CUDA error: out of memory")
+            return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+        return forward
+
+    # Both decoding forwards: transformers' modules and the fused CPU one (its ids come after the cache).
+    monkeypatch.setattr(LlamaForCausalLM, "forward", failing(LlamaForCausalLM.forward, 0))
+    monkeypatch.setattr(FusedLlama, "forward", failing(FusedLlama.forward, 1))
     qfile = _qfile(tmp_path / "q.jsonl", 3)
     run = tmp_path / "r"
     argv = ["generate", "--model", str(tiny_dir), "--questions", str(qfile), "--out", str(run), "--max-new-tokens", "4"]

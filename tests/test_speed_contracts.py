@@ -21,21 +21,16 @@ def test_tpd_only_audit_decodes_at_most_budget_plus_one_per_question(tiny_dir, t
     from distill_detect.pipeline import load_run_traces
 
     decoded = {"rows": 0}
-    real_generate = HFBackend.generate
 
-    def counting_generate(self, qs, *, max_new_tokens):
-        def hook(module, args, kwargs):
-            ids = kwargs.get("input_ids")
-            # The prefill emits one token per question; each later forward emits one per row it holds.
-            decoded["rows"] += ids.shape[0]
+    real_emit = HFBackend._emit
 
-        handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            return real_generate(self, qs, max_new_tokens=max_new_tokens)
-        finally:
-            handle.remove()
+    def counting_emit(self, logits):
+        # One call per decoding step; each row of the batch it holds decodes one token there
+        # (the prefill's step included), whichever forward (fused or transformers') made the logits.
+        decoded["rows"] += logits.shape[0]
+        return real_emit(self, logits)
 
-    monkeypatch.setattr(HFBackend, "generate", counting_generate)
+    monkeypatch.setattr(HFBackend, "_emit", counting_emit)
     N, M = 6, 8
     out = tmp_path / "audit"
     rc = cli.main(

@@ -197,7 +197,7 @@ def add_backend_args(p, *, shard: bool = False) -> None:
 
 
 _EXTRA_ARGS = {
-    "hf": {"threads": "n_threads"},
+    "hf": {"threads": "n_threads", "fused": "fused"},
     "llamacpp": {"threads": "n_threads"},
     "openai": {
         "base_url": "base_url",

@@ -5,17 +5,21 @@ tokens and log-probabilities (within 1e-4 in float32) whatever batch it is in. E
 step reads only what the detectors need from the last position's logits: the
 emitted token's log-softmax, and the mean and standard deviation of log p over the
 vocabulary (for Min-K%++ and entropy). Full-vocabulary scores are never kept.
-Sequences that finish leave the batch (their KV-cache rows are dropped), so a long
-straggler does not make the others pay.
+Sequences that finish leave the batch (their KV-cache rows are dropped once they are an
+eighth of it), so a long straggler does not make the others pay.
 
 What makes it fast (measured in benchmarks/speed.py, results in benchmarks/results/speed.md):
-the per-step statistics come from one exponential pass and stay in preallocated tensors
-until the batch ends (no per-step copies to Python); the KV cache is written in place
-into buffers sized for prompt + budget instead of being concatenated every step; on CPU
-the linear weights are stored transposed so the BLAS does not repack them on every
-small-batch product; and the prefill projects onto the vocabulary only the positions
-that are read (the question span and the last position). Tokens and log-probabilities
-match ``model.generate(output_scores=True)`` within 1e-4 (tests/test_speed_contracts.py).
+on CPU, Llama-family checkpoints (llama, mistral, qwen2) decode through the lean forward of
+backends/fused.py (fused q/k/v and gate/up products, grouped-query attention without copying
+the cache, one preallocated KV cache), the chat template's shared prefix is run once per batch
+and the rest of the prompts in groups of similar length, and finished rows leave the batch in
+bunches (the cache copy is paid per bunch, not per row). Elsewhere transformers' forward runs
+with a KV cache written in place. Either way the per-step statistics come from one exponential
+pass and stay in preallocated tensors until the batch ends, the linear weights are stored
+transposed on CPU so the BLAS does not repack them on every small-batch product, and the prefill
+projects onto the vocabulary only the positions that are read (the question span and the last
+position). Tokens and log-probabilities match ``model.generate(output_scores=True)`` within 1e-4
+(tests/test_speed_contracts.py, tests/test_fused.py).
 """
 
 from __future__ import annotations
@@ -113,10 +117,166 @@ def _growing_cache(model, capacity: int):
     return cache
 
 
+class _ModelRun:
+    """Decoding through transformers' own forward (GPU, and architectures the fused forward lacks)."""
+
+    def __init__(self, be, ids, mask, pos, capacity: int):
+        self.be, self.ids, self.pos = be, ids, pos
+        self.L = ids.shape[1]
+        self.padded = bool((mask == 0).any())
+        self.mask = mask
+        self.cache = _growing_cache(be.model, capacity)
+        self.full_mask = None
+        if self.padded:
+            self.full_mask = be.torch.ones((ids.shape[0], capacity), dtype=mask.dtype, device=ids.device)
+            self.full_mask[:, : self.L] = mask
+
+    def prefill(self, keep: int):
+        kw = {self.be._cache_kw: self.cache} if self.cache is not None else {}
+        out = self.be.model(
+            input_ids=self.ids,
+            attention_mask=self.mask if self.padded else None,
+            position_ids=self.pos,
+            use_cache=True,
+            logits_to_keep=keep,
+            **kw,
+        )
+        self.cache = self.be._cache_of(out)
+        return out.logits
+
+    def select(self, keep):
+        self.cache.batch_select_indices(keep)
+        if self.full_mask is not None:
+            self.full_mask = self.full_mask[keep]
+        return keep
+
+    def step(self, nxt, cur_pos, step: int):
+        out = self.be.model(
+            input_ids=nxt[:, None],
+            attention_mask=None if self.full_mask is None else self.full_mask[:, : self.L + step + 1],
+            position_ids=cur_pos[:, None],
+            use_cache=True,
+            **{self.be._cache_kw: self.cache},
+        )
+        self.cache = self.be._cache_of(out)
+        return out.logits[:, -1, :]
+
+
+_GROUP_TOKENS = 2048  # rows x length of one prefill group in the fused path
+
+
+class _FusedRun:
+    """Decoding through backends/fused.py, with additive masks for padding.
+
+    The prompts of a batch usually share a prefix (the chat template's system turn). Its keys
+    and values are computed once and copied to every row, and only the rest of each prompt is
+    run as a batch. Cache slots are laid out [shared prefix | padding | rest of the prompt |
+    generated], positions counting real tokens only, so the numbers are those of a plain
+    left-padded batch (within float rounding).
+    """
+
+    def __init__(self, fz, seqs: list[list[int]], need: list[int], pad_id: int, capacity: int):
+        import torch
+
+        self.fz = fz
+        inf = float("-inf")
+        B = len(seqs)
+        # The shared prefix stops before the first position whose logits are read.
+        P = min(need)
+        for s in seqs[1:]:
+            n = 0
+            while n < P and s[n] == seqs[0][n]:
+                n += 1
+            P = n
+        self.P = P
+        self.prefix = torch.tensor([seqs[0][:P]], dtype=torch.long)
+        rest = [s[P:] for s in seqs]
+        S = max(len(r) for r in rest)
+        self.L = P + S
+        ids = torch.full((B, S), pad_id, dtype=torch.long)
+        pad = torch.tensor([S - len(r) for r in rest])
+        for i, r in enumerate(rest):
+            ids[i, S - len(r) :] = torch.tensor(r, dtype=torch.long)
+        c = torch.arange(S)
+        self.ids = ids
+        self.pos = (P + (c[None, :] - pad[:, None])).clamp(min=0)
+        self.pad = pad
+        self.cache = fz.new_cache(B, capacity)
+        slot = torch.arange(capacity)
+        bad = (slot[None, :] >= P) & (slot[None, :] < P + pad[:, None])  # padding slots per row
+        self.bias = torch.zeros((B, 1, 1, capacity), dtype=fz.dtype).masked_fill_(bad[:, None, None, :], inf)
+
+    def prefill(self, keep: int):
+        """Fill the cache; returns logits [B, keep, V] of the last ``keep`` positions (left-padded view).
+
+        The rest of each prompt runs in groups of rows of similar length (rows x length up to
+        ``_GROUP_TOKENS``), so a batch pays little for padding to its longest prompt.
+        """
+        fz, P = self.fz, self.P
+        torch = fz.torch
+        inf = float("-inf")
+        B, S = self.ids.shape
+        kc, vc = self.cache["k"], self.cache["v"]
+        if P:
+            one = fz.new_cache(1, P)
+            r = torch.arange(P)
+            causal = torch.zeros((1, 1, P, P), dtype=fz.dtype).masked_fill_(r[None, :] > r[:, None], inf)
+            fz.forward(one, self.prefix, r[None, :], causal, keep_last=0)
+            kc[:, :, :, :P] = one["k"]
+            vc[:, :, :, :P] = one["v"]
+        lens = [S - int(x) for x in self.pad]
+        order = sorted(range(B), key=lambda i: -lens[i])
+        logits = None
+        i = 0
+        while i < B:
+            Sg = max(lens[order[i]], 1)
+            j = i + 1
+            while j < B and (j - i + 1) * Sg <= _GROUP_TOKENS:
+                j += 1
+            idx = torch.tensor(sorted(order[i:j]))
+            i = j
+            g = fz.new_cache(len(idx), P + Sg)
+            g["k"][:, :, :, :P] = kc[:, idx, :, :P]
+            g["v"][:, :, :, :P] = vc[:, idx, :, :P]
+            g["n"] = P
+            c = torch.arange(P + Sg)
+            q = P + torch.arange(Sg)
+            padg = self.pad[idx] - (S - Sg)  # padding inside the group's window
+            bad = (c[None, :] >= P) & (c[None, :] < P + padg[:, None])
+            ok = (c[None, None, :] <= q[None, :, None]) & ~bad[:, None, :]
+            ok |= c[None, None, :] == q[None, :, None]
+            bias = torch.zeros((len(idx), 1, Sg, P + Sg), dtype=fz.dtype).masked_fill_(~ok[:, None], inf)
+            k = min(keep, Sg)
+            out = fz.forward(g, self.ids[idx, S - Sg :], self.pos[idx, S - Sg :], bias, keep_last=k)
+            # Into the batch cache: the group's window right-aligned, the slots before it zeroed
+            # (they are masked, but must hold finite numbers).
+            kc[:, idx, :, P + S - Sg : P + S] = g["k"][:, :, :, P:]
+            vc[:, idx, :, P + S - Sg : P + S] = g["v"][:, :, :, P:]
+            if S > Sg:
+                kc[:, idx, :, P : P + S - Sg] = 0
+                vc[:, idx, :, P : P + S - Sg] = 0
+            if logits is None:
+                logits = out.new_zeros((B, keep, out.shape[-1]))
+            logits[idx, keep - k :] = out
+        self.cache["n"] = P + S
+        return logits
+
+    def select(self, keep):
+        order = self.fz.torch.tensor(self.fz.select(self.cache, keep))
+        self.bias = self.bias[order]
+        return order
+
+    def step(self, nxt, cur_pos, step: int):
+        T = self.L + step + 1
+        return self.fz.forward(self.cache, nxt[:, None], cur_pos[:, None], self.bias[..., :T])[:, -1, :]
+
+
 class HFBackend(Backend):
     name = "hf"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
     _narrow_prefill = True  # project only the read positions of the prefill (False: all; for benchmarks/speed.py)
+    _use_fused = True  # the lean forward of backends/fused.py where supported (False: transformers' modules)
+    _compact_every = 8  # finished rows leave the batch once they are 1/8 of it (copying the cache costs)
 
     def __init__(
         self,
@@ -129,11 +289,14 @@ class HFBackend(Backend):
         trust_remote_code: bool = False,
         loaded=None,
         n_threads: int | None = None,
+        fused: bool | None = None,
     ):
         """``model``: 'default'/None, a local checkpoint directory or a hub id.
 
         ``loaded=(model, tokenizer, identity)`` wraps objects already in memory (tests, notebooks).
         ``n_threads`` sets torch's CPU thread count for the whole process (``torch.set_num_threads``).
+        ``fused``: decode through the lean Llama-family forward of backends/fused.py (None: where the
+        model supports it, which means a llama/mistral/qwen2 checkpoint on CPU; True: require it).
         """
         self.torch = require("torch", "hf", "The HF backend")
         if n_threads is not None:
@@ -157,6 +320,17 @@ class HFBackend(Backend):
         self.identity = identity
         if str(self.device).startswith("cpu"):
             _column_major_linears(self.model)
+        self._fused = None
+        if (self._use_fused if fused is None else fused) and "cpu" in str(self.device):
+            from distill_detect.backends.fused import FusedLlama, unsupported_reason
+
+            why = unsupported_reason(self.model)
+            if why is None:
+                self._fused = FusedLlama(self.model)
+            elif fused:
+                raise DistillDetectError(f"fused decoding was asked for, but {why}")
+        elif fused:
+            raise DistillDetectError("fused decoding was asked for, but it runs on CPU only")
         self.system_prompt = system_prompt
         self.want_prompt_logprobs = prompt_logprobs
         self.stop_ids = self._stop_ids()
@@ -286,42 +460,41 @@ class HFBackend(Backend):
         elif self.want_prompt_logprobs:
             spans = [(L - len(p.ids) + p.question_span[0] - 1) for p in prompts if p.question_span[1] > p.question_span[0]]
             first = min([first, *spans])
-        padded = bool((mask == 0).any())
 
         with torch.inference_mode():
-            cache = _growing_cache(self.model, L + steps)
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask if padded else None,
-                position_ids=pos,
-                use_cache=True,
-                logits_to_keep=L - first,
-                **({self._cache_kw: cache} if cache is not None else {}),
-            )
+            if self._fused is not None:
+                # Prompt index of the first position whose logits are read, per question.
+                need = [len(p.ids) - 1 for p in prompts]
+                if self.want_prompt_logprobs:
+                    need = [
+                        min(n, p.question_span[0] - 1) if p.question_span[1] > p.question_span[0] else n
+                        for n, p in zip(need, prompts)
+                    ]
+                run = _FusedRun(self._fused, [p.ids for p in prompts], need, self.pad_id, L + steps)
+            else:
+                run = _ModelRun(self, ids, mask, pos, L + steps)
+            logits = run.prefill(L - first)
             prompt_fields: list[dict] = [{} for _ in range(B)]
             if self.want_prompt_logprobs:
-                prompt_fields = self._prompt_fields(out.logits, ids, prompts, first)
-            last = out.logits[:, -1, :]
-            cache = self._cache_of(out)
-            del out
+                prompt_fields = self._prompt_fields(logits, ids, prompts, first)
+            last = logits[:, -1, :]
+            del logits
 
             # Per-step results stay in preallocated tensors (row = question) until the end.
             dev = ids.device
             out_tok = torch.zeros((B, steps), dtype=torch.long, device=dev)
             out_val = torch.zeros((3, B, steps), dtype=torch.float32, device=dev)  # log p, mean, std
             n_tok = [steps] * B
-            rows = torch.arange(B, device=dev)  # batch row -> question index, shrinks as questions finish
+            rows = torch.arange(B, device=dev)  # batch row -> question index, shrinks as rows are compacted
+            alive = torch.ones(B, dtype=torch.bool, device=dev)  # rows still decoding (finished ones wait)
             finish = ["length"] * B
-            full_mask = None
-            if padded:
-                full_mask = torch.ones((B, L + steps), dtype=mask.dtype, device=dev)
-                full_mask[:, :L] = mask
             cur_pos = pos[:, -1]
             for step in range(steps):
                 nxt, lp, mean, std = self._emit(last)
+                # A finished row still in the batch writes past its end; those columns are never read.
                 out_tok[rows, step] = nxt
                 out_val[:, rows, step] = torch.stack([lp, mean, std])
-                done = torch.isin(nxt, stop)
+                done = torch.isin(nxt, stop) & alive
                 if step == steps - 1:
                     for r in done.nonzero()[:, 0].tolist():
                         finish[int(rows[r])] = "stop"
@@ -330,23 +503,15 @@ class HFBackend(Backend):
                     for r in done.nonzero()[:, 0].tolist():
                         qi = int(rows[r])
                         finish[qi], n_tok[qi] = "stop", step + 1
-                    if bool(done.all()):
+                    alive &= ~done
+                    n_alive = int(alive.sum())
+                    if n_alive == 0:
                         break
-                    keep = (~done).nonzero()[:, 0]
-                    cache.batch_select_indices(keep)
-                    nxt, cur_pos, rows = nxt[keep], cur_pos[keep], rows[keep]
-                    if full_mask is not None:
-                        full_mask = full_mask[keep]
+                    if (len(alive) - n_alive) * self._compact_every >= len(alive):
+                        keep = run.select(alive.nonzero()[:, 0])  # the surviving rows, in their new order
+                        nxt, cur_pos, rows, alive = nxt[keep], cur_pos[keep], rows[keep], alive[keep]
                 cur_pos = cur_pos + 1
-                out = self.model(
-                    input_ids=nxt[:, None],
-                    attention_mask=None if full_mask is None else full_mask[:, : L + step + 1],
-                    position_ids=cur_pos[:, None],
-                    use_cache=True,
-                    **{self._cache_kw: cache},
-                )
-                last = out.logits[:, -1, :]
-                cache = self._cache_of(out)
+                last = run.step(nxt, cur_pos, step)
 
         toks_np, vals_np = out_tok.cpu().numpy(), out_val.cpu().numpy()
         traces = []
