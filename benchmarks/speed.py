@@ -107,7 +107,7 @@ Tried and not kept:
   this machine. Ours is 1.41x / 1.35x / 1.63x the naive path at batch 1 / 8 / 32 with
   identical tokens and log-probs within 3.1e-5. The ceiling table above times the step's
   matrix products alone: 27 / 142 / 307 tok/s at batch 1 / 8 / 32, below 3x naive (55 / 190 /
-  334) at every batch. At batch 1 ours runs at 95% of that ceiling (a step reads all 540 MB of
+  334) at every batch. At batch 1 ours runs at 97% of that ceiling (a step reads all 540 MB of
   float32 weights: 37.7 ms, 14 GB/s). Beating it needs fewer bytes per weight (bf16/int8:
   outside the 1e-4 contract, and bf16 was slower here) or several tokens per weight read
   (speculative decoding: ~1.15x at best on these outputs, see above).

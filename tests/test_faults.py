@@ -354,7 +354,7 @@ def one_thread():
 @pytest.mark.slow
 def test_ctrl_c_says_how_far_it_got_and_the_same_command_resumes(tiny_dir, tmp_path, capsys, one_thread):
     """SIGINT to the real CLI on the tiny model mid-run: exit 130, one line with the count and how to resume."""
-    n = 40  # long enough that the run is still far from its end when the second question is seen stored
+    n = 16
     qfile = tmp_path / "q.jsonl"
     qfile.write_text(
         "".join(json.dumps({"id": f"c{i}", "question": f"Count {i} sheep, then {i + 3} goats."}) + "\n" for i in range(n))
@@ -363,7 +363,16 @@ def test_ctrl_c_says_how_far_it_got_and_the_same_command_resumes(tiny_dir, tmp_p
     argv = ["generate", "--model", str(tiny_dir), "--questions", str(qfile), "--out", str(run)]
     argv += ["--batch-size", "1", "--max-new-tokens", "16"]
     cmd = [sys.executable, "-m", "distill_detect.cli", *argv]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread)
+    # A shell that starts the test suite in the background makes it ignore SIGINT, and Python then
+    # leaves SIGINT ignored in the child too: give the child the default disposition back.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=one_thread,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 180
     while _count(run) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
