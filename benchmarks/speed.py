@@ -116,12 +116,12 @@ Tried and not kept:
   counting the prompt tokens computed too. A profile of decoding steps at batch 128 (2
   threads, steps 60-70): the products take 177 ms per step, at their measured ceiling (174 ms);
   attention over the cache 108 ms (29%: 384 small matrix products per layer, ~9 GB/s); norms,
-  rotary, SiLU and the per-step statistics ~85 ms. The prefill of 128 prompts took 13.1 s of
-  57.8 s. Even with no attention and no overhead (prefill at peak, steps at the products
+  rotary, SiLU and the per-step statistics ~85 ms. In a separate timing of the same batch
+  (57.8 s in all) the prefill of the 128 prompts took 13.1 s. Even with no attention and no overhead (prefill at peak, steps at the products
   ceiling of 735 tok/s) the generated-token reading tops out near 53% at batch 128.
 - llama.cpp with log-probs >= 80% of its own greedy speed: yes, 112% (llamacpp_ours_b1 65.5
-  vs llamacpp_plain_b1 58.7 tok/s); reading the log-prob costs nothing measurable (compare
-  ours_nolp). llama-cpp-python's `logprobs` option needs `logits_all=True` and runs at 23%.
+  vs llamacpp_plain_b1 58.7 tok/s); reading the log-prob costs no more than the noise
+  (llamacpp_ours_nolp, the same without it: 69.0). llama-cpp-python's `logprobs` option needs `logits_all=True` and runs at 23%.
 - TPD-only audit of N questions decodes <= N(M+1) tokens: yes, exactly N x M stored and
   decoded in tests/test_speed_contracts.py.
 
