@@ -14,37 +14,6 @@ import pytest
 from distill_detect.types import Question
 
 
-@pytest.fixture(scope="module")
-def qwen2_dir(tmp_path_factory, default_dir):
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(default_dir)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(1)
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # qwen2 initialises its q/k/v biases to zero: make them matter
-        for layer in model.model.layers:
-            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                m.bias.normal_(0, 0.5)
-    path = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2"
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
 def _questions():
     texts = [
         "What is 2 + 3?",

@@ -321,16 +321,14 @@ class HFBackend(Backend):
         if str(self.device).startswith("cpu"):
             _column_major_linears(self.model)
         self._fused = None
-        if (self._use_fused if fused is None else fused) and "cpu" in str(self.device):
+        if self._use_fused if fused is None else fused:
             from distill_detect.backends.fused import FusedLlama, unsupported_reason
 
-            why = unsupported_reason(self.model)
+            why = unsupported_reason(self.model)  # the architecture, and CPU only
             if why is None:
                 self._fused = FusedLlama(self.model)
             elif fused:
                 raise DistillDetectError(f"fused decoding was asked for, but {why}")
-        elif fused:
-            raise DistillDetectError("fused decoding was asked for, but it runs on CPU only")
         self.system_prompt = system_prompt
         self.want_prompt_logprobs = prompt_logprobs
         self.stop_ids = self._stop_ids()
