@@ -121,6 +121,8 @@ def read_traces_jsonl(path) -> list[Trace]:
         seen[qid] = line
         if "output_logprobs" not in rec:
             raise InputError(path, "missing (the emitted tokens' log-probabilities)", line=line, field="output_logprobs")
+        if rec["output_logprobs"] is None:
+            raise InputError(path, "is null; expected the emitted tokens' log-probabilities", line=line, field="output_logprobs")
         kw: dict = {}
         for f in _LOGPROB_FIELDS:
             if rec.get(f) is not None:

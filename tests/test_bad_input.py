@@ -129,6 +129,7 @@ TRACE_LINES = [
         "element 0 is -inf; log-probabilities must be finite",
     ),
     ("positive", '{"id": "b", "output_logprobs": [-0.1, 0.01]}', "output_logprobs", "a log-probability cannot be positive"),
+    ("null log-probs", '{"id": "b", "output_logprobs": null}', "output_logprobs", "is null"),
     ("nan in prompt", '{"id": "b", "output_logprobs": [-1], "prompt_logprobs": [NaN]}', "prompt_logprobs", "must be finite"),
     (
         "positive extra",
