@@ -229,6 +229,164 @@ def test_unknown_method_columns_are_kept(results):
     assert m["higher_is_member"] is None and m["roc"] is None and sum(m["hist"]["counts"]["member"]) == 6
 
 
+# -- what the header and the cards say ------------------------------------------------------------------
+
+
+FP = {
+    "backend": "hf",
+    "model": {"name": "student", "content_hash": "0123456789abcdef01234567"},
+    "dtype": "float32",
+    "device": "cpu",
+}
+
+
+def _finetuned_checkpoint(tmp_path):
+    """A directory as 'distill-detect finetune' leaves it (config.json and the finetune marker; no weights needed)."""
+    ck = tmp_path / "student"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    base = {"spec": "default", "location": "/x/default", "identity": {"name": "SmolLM2-135M-Instruct", "gguf_sha256": "ab"}}
+    (ck / "distill_detect_finetune.json").write_text(json.dumps({"format": 1, "base_model": base, "config": {"lora": False}}))
+    return ck
+
+
+def _rewrite_config(out, **extra):
+    doc = json.loads((out / "metrics.json").read_text())
+    doc["config"].update(extra)
+    (out / "metrics.json").write_text(json.dumps(doc))
+
+
+def test_model_line_names_the_model_not_its_directory(results, tmp_path):
+    out, _ = results
+    ck = _finetuned_checkpoint(tmp_path)
+    src = json.loads((out / "metrics.json").read_text())["config"]["source"]
+    _rewrite_config(out, source={**src, "fingerprint": FP}, model_location=str(ck))
+    meta = collect(out, tokenizer=FakeTokenizer())["meta"]
+    assert meta["model"] == f"SmolLM2-135M-Instruct fine-tune at {ck} (hf, float32, cpu)"
+    # A plain checkpoint directory: its architecture and where it is.
+    (ck / "distill_detect_finetune.json").unlink()
+    assert collect(out, tokenizer=FakeTokenizer())["meta"]["model"] == f"llama checkpoint at {ck} (hf, float32, cpu)"
+    # Gone from disk: the fingerprint still identifies it, never as a bare 'student'.
+    _rewrite_config(out, model_location=str(tmp_path / "moved"))
+    line = collect(out, tokenizer=FakeTokenizer())["meta"]["model"]
+    assert line == f"checkpoint directory 'student' (content hash 0123456789ab), was at {tmp_path / 'moved'} (hf, float32, cpu)"
+    hub = {**FP, "model": {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "9f3e1c2ab"}, "device": "cuda"}
+    _rewrite_config(out, source={**src, "fingerprint": hub}, model_location="HuggingFaceTB/SmolLM2-135M-Instruct")
+    line = collect(out, tokenizer=FakeTokenizer())["meta"]["model"]
+    assert line == "HuggingFaceTB/SmolLM2-135M-Instruct from the Hugging Face hub at revision 9f3e1c2 (hf, float32, cuda)"
+
+
+def test_model_location_comes_from_the_run_store(tmp_path):
+    """An audit directory has no model_location: the run's store says where the model was loaded from."""
+    from distill_detect.store import TraceStore
+
+    ck = _finetuned_checkpoint(tmp_path)
+    run = tmp_path / "run"
+    with TraceStore(run, create=True) as st:
+        st.set_meta("model", {"backend": "hf", "location": str(ck)})
+    out = write_audit_results(tmp_path, source={"run": str(run), "fingerprint": FP})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the store holds no traces
+        meta = collect(out)["meta"]
+    assert meta["model"] == f"SmolLM2-135M-Instruct fine-tune at {ck} (hf, float32, cpu)"
+
+
+def run_audit(*args, **kw):
+    """``distill_detect.audit.audit`` on membership scores (higher = member), stated where the API asks for it."""
+    import inspect
+
+    from distill_detect.audit import audit
+
+    if "higher_is_member" in inspect.signature(audit).parameters:
+        kw["higher_is_member"] = True
+    return audit(*args, **kw)
+
+
+def write_audit_results(tmp_path, n_bench=12, n_ref=8, *, source=None):
+    """An audit directory as 'distill-detect audit' writes it: scores.jsonl (no metrics.json) and audit.json."""
+    from distill_detect.scoring import write_outputs
+    from distill_detect.traceio import write_traces_jsonl
+
+    ts = make_traces(0, n_ref, unlabelled=n_bench, seed=5)
+    ref, bench = ts[:n_ref], ts[n_ref:]
+    ref = [Trace(**{**t.__dict__, "id": "ref:" + t.id}) for t in ref]
+    traces = bench + ref
+    tfile = tmp_path / "audit_traces.jsonl"
+    write_traces_jsonl(tfile, traces)
+    raw = np.array([tpd_score(t.output_logprobs, max_tokens=30) for t in traces])
+    res = run_audit([t.id for t in bench], -raw[:n_bench], -raw[n_bench:], fdr=0.1, alpha=0.05, n_boot=50)
+    doc = res.to_dict()
+    for row, r in zip(doc["questions"], raw[:n_bench]):
+        row["raw_score"] = float(r)
+    source = source or {"traces": str(tfile), "fingerprint": FP}
+    doc.update(
+        {
+            "method": "tpd",
+            "params": {"tau": 1.0, "alpha": 0.6, "max_tokens": 30},
+            "higher_is_member": False,
+            "benchmark": {"source": "bench.jsonl", "n": n_bench},
+            "reference": {"source": "ref.jsonl", "kind": "file", "n": n_ref},
+            "model": "student",
+            "source": source,
+            "created": "2025-01-01T00:00:00Z",
+        }
+    )
+    out = tmp_path / "audit"
+    out.mkdir()
+    (out / "audit.json").write_text(json.dumps(D.finite_or_none(doc)))
+    write_outputs(out, traces, {"tpd": raw}, None, {"source": source, "methods": {"tpd": doc["params"]}})
+    return out
+
+
+def _card_text(doc) -> str:
+    return " | ".join(f"{c['k']} {c['v']} {c.get('s') or ''} {c.get('warn') or ''}" for c in doc["cards"])
+
+
+def test_audit_cards_speak_of_benchmark_and_reference_questions(tmp_path):
+    out = write_audit_results(tmp_path)
+    doc = collect(out, tokenizer=FakeTokenizer())
+    assert doc["kind"] == "audit"
+    cards = {c["k"]: c for c in doc["cards"]}
+    assert cards["benchmark questions"]["v"] == "12" and cards["reference questions"]["v"] == "8"
+    text = _card_text(doc)
+    assert "member" not in text and "distillation data" not in text and "never trained on" not in text
+    # Charts and the table name the groups as what they are in an audit.
+    assert doc["group_names"] == {"member": "members", "nonmember": "reference questions", "unlabelled": "benchmark questions"}
+    assert doc["label_names"] == {"0": "reference", "none": "benchmark"}
+
+
+def test_labelled_cards_keep_members_and_nonmembers(results):
+    out, _ = results
+    doc = collect(out, tokenizer=FakeTokenizer())
+    assert doc["kind"] == "labelled"
+    cards = {c["k"]: c for c in doc["cards"]}
+    assert cards["members"]["v"] == "6" and cards["non-members"]["v"] == "5"
+    assert doc["group_names"]["nonmember"] == "non-members"
+
+
+def test_tpr_from_few_nonmembers_carries_a_warning(results, tmp_path):
+    out, _ = results  # 5 non-members
+    doc = collect(out, tokenizer=FakeTokenizer())
+    cards = {c["k"]: c for c in doc["cards"]}
+    for k, level in (("tpd TPR@1%FPR", "1%"), ("tpd TPR@5%FPR", "5%")):
+        assert cards[k]["warn"] == f"from 5 non-members: under 100, a TPR at {level} FPR means little (0 false positives allowed)"
+    for m in doc["methods"]:
+        assert set(m["tpr_caveat"]) == {"0.01", "0.05"} and "from 5 non-members" in m["tpr_caveat"]["0.01"]
+        for v in m["verdicts"].values():
+            assert v["caveat"].startswith("from 5 non-members")
+    # 100 non-members or more: no warning.
+    many = write_results(tmp_path / "many", make_traces(4, 100, length=12), methods=("tpd",))
+    doc = collect(many, tokenizer=FakeTokenizer())
+    assert all(not c.get("warn") for c in doc["cards"])
+    assert doc["methods"][0]["tpr_caveat"] == {"0.01": None, "0.05": None}
+
+
+def test_tpr_caveat_wording():
+    assert D.tpr_caveat(8, 0.01) == "from 8 non-members: under 100, a TPR at 1% FPR means little (0 false positives allowed)"
+    assert D.tpr_caveat(40, 0.05) == "from 40 non-members: under 100, a TPR at 5% FPR means little (2 false positives allowed)"
+    assert D.tpr_caveat(100, 0.01) is None and D.tpr_caveat(None, 0.01) is None
+
+
 # -- escaping -------------------------------------------------------------------------------------------
 
 

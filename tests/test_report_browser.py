@@ -102,27 +102,34 @@ def real_report(tmp_path_factory, tiny_dir, browser_path):
 
 
 @pytest.fixture(scope="session")
-def page_and_log(real_report, browser_path):
+def browser(browser_path):
+    """One headless Chromium for every page of this module (Playwright's sync API allows one driver per thread)."""
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def page_and_log(real_report, browser):
     html, _ = real_report
     log = {"errors": [], "dialogs": [], "requests": []}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("console", lambda m: log["errors"].append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: log["errors"].append(str(e)))
-        page.on("request", lambda r: log["requests"].append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("console", lambda m: log["errors"].append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: log["errors"].append(str(e)))
+    page.on("request", lambda r: log["requests"].append(r.url) if not r.url.startswith(("file:", "data:")) else None)
 
-        def on_dialog(d):
-            log["dialogs"].append(d.message)
-            d.dismiss()
+    def on_dialog(d):
+        log["dialogs"].append(d.message)
+        d.dismiss()
 
-        page.on("dialog", on_dialog)
-        page.goto(html.as_uri())
-        page.wait_for_selector("tr.q-row")
-        yield page, log
-        browser.close()
+    page.on("dialog", on_dialog)
+    page.goto(html.as_uri())
+    page.wait_for_selector("tr.q-row")
+    yield page, log
+    page.close()
 
 
 def _ids(page) -> list[str]:
@@ -214,3 +221,152 @@ def test_screenshot_is_not_blank(page_and_log):
     assert img.width >= 1000 and img.height > 1500
     assert len(img.getcolors(maxcolors=1 << 20) or []) > 200
     assert log["errors"] == []
+
+
+# -- a new user's first hour: the verdict in view, the model named, audit cards, TPR caveats ---------------
+
+
+def _open(browser, html, width=1280):
+    """(page, errors) for ``html`` at a viewport ``width`` px wide."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(html.as_uri())
+    page.wait_for_selector("tr.q-row")
+    return page, errors
+
+
+def _in_view(page, selector) -> dict:
+    """Where an element lies against the window and its scrolling table box (nothing scrolled)."""
+    return page.evaluate(
+        """(sel) => {
+          const e = document.querySelector(sel), w = e.closest('.tablewrap');
+          const r = e.getBoundingClientRect(), b = w.getBoundingClientRect();
+          return {right: r.right, left: r.left, wrapRight: b.right, scrollLeft: w.scrollLeft, innerWidth: window.innerWidth,
+                  index: Array.prototype.indexOf.call(e.parentNode.children, e)};
+        }""",
+        selector,
+    )
+
+
+@pytest.fixture(scope="module")
+def wide_report(real_report, tmp_path_factory):
+    """The real run's results with 15 more score columns (about 20 columns in all), as many methods give."""
+    from distill_detect.report import write_report
+
+    html, scores = real_report
+    d = tmp_path_factory.mktemp("wide")
+    (d / "metrics.json").write_text((html.parent / "metrics.json").read_text())
+    rows = []
+    for i, r in enumerate(scores):
+        rows.append({**r, **{f"extra_method_{k:02d}": float(i * k) for k in range(15)}})
+    (d / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return write_report(d, figures=False)
+
+
+def test_verdict_column_is_in_view_at_1400px(wide_report, browser):
+    page, errors = _open(browser, wide_report, width=1400)
+    try:
+        assert page.locator("#qtable thead th").count() >= 20
+        # The table does scroll sideways, yet the verdict needs no scrolling: it sits next to the id.
+        assert page.evaluate("document.querySelector('#qtable').closest('.tablewrap').scrollWidth > 1400")
+        pos = _in_view(page, '#qtable th[data-key="verdict"]')
+        assert pos["index"] == 2 and pos["scrollLeft"] == 0
+        assert pos["left"] >= 0 and pos["right"] <= min(pos["wrapRight"], pos["innerWidth"])
+        ids = page.locator('#qtable th[data-key="id"]')
+        assert ids.count() == 1
+        # Each row's verdict cell lines up under its header.
+        first = page.locator("tr.q-row").first.locator("td").nth(2)
+        assert first.locator(".badge").count() == 1
+        assert errors == []
+    finally:
+        page.close()
+
+
+def test_header_names_the_model_and_tpr_carries_its_caveat(page_and_log, tiny_dir):
+    page, log = page_and_log
+    bits = page.locator("div.meta").first.locator("span").all_text_contents()
+    model = [b for b in bits if b.startswith("model: ")]
+    assert model == [f"model: llama checkpoint at {tiny_dir.resolve()} (hf, float32, cpu)"]
+    cards = page.inner_text("#cards")
+    assert f"from {N_PER_SIDE} non-members: under 100, a TPR at 1% FPR means little" in cards
+    assert f"from {N_PER_SIDE} non-members: under 100, a TPR at 5% FPR means little" in cards
+    assert page.locator("section#metrics td .mark").count() >= 3
+    assert "a TPR at 1% FPR means little" in page.inner_text("section#metrics")
+    assert log["errors"] == []
+
+
+def run_audit(*args, **kw):
+    """``distill_detect.audit.audit`` on membership scores (higher = member), stated where the API asks for it."""
+    import inspect
+
+    from distill_detect.audit import audit
+
+    if "higher_is_member" in inspect.signature(audit).parameters:
+        kw["higher_is_member"] = True
+    return audit(*args, **kw)
+
+
+@pytest.fixture(scope="module")
+def audit_report(real_report, tmp_path_factory):
+    """An audit directory over the real run: members as the benchmark (labels dropped), non-members as the reference."""
+    from distill_detect.report import write_report
+
+    html, scores = real_report
+    config = json.loads((html.parent / "metrics.json").read_text())["config"]
+    bench = [r for r in scores if r["label"] == 1]
+    ref = [r for r in scores if r["label"] == 0]
+    res = run_audit([r["id"] for r in bench], [-r["tpd"] for r in bench], [-r["tpd"] for r in ref], fdr=0.5, alpha=0.5, n_boot=20)
+    doc = res.to_dict()
+    for row, r in zip(doc["questions"], bench):
+        row["raw_score"] = r["tpd"]
+    doc.update(
+        {
+            "method": "tpd",
+            "params": {"tau": 1.0, "alpha": 0.6, "max_tokens": 300},
+            "higher_is_member": False,
+            "benchmark": {"source": "members.jsonl", "n": len(bench)},
+            "reference": {"source": "nonmembers.jsonl", "kind": "file", "n": len(ref)},
+            "model": "tiny-llama",
+            "source": config["source"],
+            "created": "2025-01-01T00:00:00Z",
+        }
+    )
+    d = tmp_path_factory.mktemp("audit")
+    (d / "audit.json").write_text(json.dumps(doc))
+    rows = [{"id": r["id"], "tpd": r["tpd"]} for r in bench] + [{"id": r["id"], "label": 0, "tpd": r["tpd"]} for r in ref]
+    (d / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return write_report(d, figures=False), doc
+
+
+def test_audit_page_speaks_of_benchmark_and_reference_questions(audit_report, browser):
+    html, doc = audit_report
+    page, errors = _open(browser, html, width=1400)
+    try:
+        cards = page.inner_text("#cards")
+        assert "benchmark questions" in cards and "reference questions" in cards and "flagged questions" in cards
+        assert "member" not in cards and "distillation data" not in cards and "never trained on" not in cards
+        # No per-method AUC/TPR table: there are no known members.
+        assert page.locator("section#metrics").count() == 0
+        # The question table: the audit's own flags as the verdict, groups named as what they are.
+        assert page.locator("tr.q-row").count() == doc["n_bench"] + doc["n_ref"]
+        labels = set(page.locator("tr.q-row td:nth-child(4) .badge").all_text_contents())
+        assert labels == {"benchmark", "reference"}
+        verdicts = page.locator("tr.q-row td:nth-child(3) .badge").all_text_contents()
+        assert verdicts.count("flagged") == doc["n_flagged"] and verdicts.count("not tested") == doc["n_ref"]
+        assert "member" not in " ".join(verdicts)
+        status = page.inner_text("#status")
+        assert "Benjamini–Hochberg" in status and "non-members" not in status
+        page.select_option("#vmethod", "tpd")  # a method's threshold on the reference, still not "member"
+        verdicts = page.locator("tr.q-row td:nth-child(3) .badge").all_text_contents()
+        assert "member" not in " ".join(verdicts) and "non-members" not in page.inner_text("#status")
+        legend = page.inner_text("section#scores")
+        assert "benchmark questions" in legend and "reference questions" in legend and "non-members" not in legend
+        assert errors == []
+    finally:
+        page.close()

@@ -79,6 +79,89 @@ def _read_audit(out_dir: Path) -> dict | None:
     return out
 
 
+def _store_model_location(run) -> str | None:
+    """Where a run's model was loaded from (its store's ``model`` meta), read without writing; or None."""
+    import sqlite3
+
+    path = Path(run) / "traces.sqlite"
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+        finally:
+            db.close()
+        return (json.loads(row[0]) or {}).get("location") if row else None
+    except (sqlite3.Error, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _finetune_base(ckpt: Path) -> str | None:
+    """'BASE fine-tune' for a checkpoint written by ``distill-detect finetune`` (its marker names the base)."""
+    try:
+        meta = json.loads((ckpt / "distill_detect_finetune.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    b = meta.get("base_model") or {}
+    ident = b.get("identity") or {}
+    base = ident.get("hub_id") or ident.get("name") or b.get("spec")
+    if not base:
+        return None
+    return f"{base} LoRA fine-tune" if (meta.get("config") or {}).get("lora") else f"{base} fine-tune"
+
+
+def _architecture(ckpt: Path) -> str | None:
+    try:
+        cfg = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    return mt if isinstance(mt, str) and mt else None
+
+
+def describe_model(config: dict) -> tuple[str | None, dict]:
+    """What the model is, in words, and the facts behind it, from the run config's fingerprint.
+
+    The fingerprint's ``model.name`` of a checkpoint directory is only the directory's name
+    (often 'student'), so the line says what the checkpoint is (the base it was fine-tuned
+    from, when ``distill-detect finetune`` made it; else its architecture) and where it is,
+    then the backend, dtype and device it ran with:
+    'SmolLM2-135M-Instruct fine-tune at /runs/student (hf, float32, cpu)'.
+    """
+    src = config.get("source") or {}
+    fp = src.get("fingerprint") or {}
+    ident = fp.get("model") or {}
+    location = config.get("model_location")
+    if not location and src.get("run"):
+        location = _store_model_location(src["run"])
+    info = {k: v for k, v in {"identity": ident or None, "location": location}.items() if v}
+    info.update({k: fp[k] for k in ("backend", "dtype", "device") if fp.get(k)})
+    name, hub = ident.get("name"), ident.get("hub_id")
+    if hub:
+        rev = ident.get("revision")
+        what = f"{hub} from the Hugging Face hub" + (f" at revision {str(rev)[:7]}" if rev else "")
+    elif ident.get("gguf_sha256"):
+        what = f"{name or 'GGUF model'} (GGUF sha256 {str(ident['gguf_sha256'])[:12]})" + (f" at {location}" if location else "")
+    elif location and Path(location).is_dir():
+        kind = _finetune_base(Path(location))
+        if kind is None:
+            arch = _architecture(Path(location))
+            kind = f"{arch} checkpoint" if arch else "checkpoint"
+        what = f"{kind} at {location}"
+    elif name or location:
+        h = ident.get("content_hash")
+        what = f"checkpoint directory '{name}'" if name else "checkpoint"
+        if h:
+            what += f" (content hash {str(h)[:12]})"
+        if location:
+            what += f", was at {location}"
+    else:
+        return None, info
+    settings = [str(fp[k]) for k in ("backend", "dtype", "device") if fp.get(k)]
+    return (what + (f" ({', '.join(settings)})" if settings else "")), info
+
+
 def _tpd_params(metrics_doc: dict) -> dict:
     m = (metrics_doc.get("methods") or {}).get("tpd") or {}
     params = m.get("params") or ((metrics_doc.get("config") or {}).get("methods") or {}).get("tpd") or {}
@@ -92,6 +175,82 @@ def _summary(method: str) -> str:
         return get(method).summary
     except Exception:
         return ""
+
+
+GROUP_NAMES = {"member": "members", "nonmember": "non-members", "unlabelled": "unlabelled"}
+AUDIT_GROUP_NAMES = {"member": "members", "nonmember": "reference questions", "unlabelled": "benchmark questions"}
+"""In an audit, label 0 marks the reference (known unseen) and no label the benchmark under audit."""
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _pct(v) -> str:
+    v = _num(v)
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _cards(meta: dict, method_docs: list[dict], audit: dict | None) -> list[dict]:
+    """The headline cards at the top of the page: ``{"k": title, "v": value, "s": sub-line, "warn": caveat}``.
+
+    An audit has no known members: its cards count benchmark, reference and flagged
+    questions. A labelled run counts members and non-members and gives the headline
+    method's AUC and TPRs, each TPR with a warning when fewer than 100 non-members set it.
+    """
+    if audit is not None:
+        nb, nr = audit.get("n_bench"), audit.get("n_ref")
+        ref = audit.get("reference") or {}
+        fdr = _num(audit.get("fdr"))
+        return [
+            {"k": "benchmark questions", "v": str(nb), "s": "under audit; labels unknown"},
+            {
+                "k": "reference questions",
+                "v": str(nr),
+                "s": "perturbed from the benchmark" if ref.get("kind") == "perturbed" else "known unseen, the yardstick",
+            },
+            {
+                "k": "flagged questions",
+                "v": f"{audit.get('n_flagged')} of {nb}",
+                "s": "benchmark questions flagged" + (f" at FDR {100 * fdr:g}%" if fdr is not None else ""),
+            },
+        ]
+    cards = [
+        {
+            "k": "questions",
+            "v": str(meta["n_questions"]),
+            "s": f"{meta['n_unlabelled']} unlabelled" if meta["n_unlabelled"] else "",
+        },
+        {"k": "members", "v": str(meta["n_members"]), "s": "in the distillation data"},
+        {"k": "non-members", "v": str(meta["n_nonmembers"]), "s": "never trained on"},
+    ]
+    with_metrics = [m for m in method_docs if m.get("metrics")]
+    headline = next((m for m in with_metrics if m["name"] == "tpd"), None)
+    if headline is None and with_metrics:
+        headline = max(with_metrics, key=lambda m: _num(m["metrics"].get("auc")) or -1.0)
+    if headline is not None:
+        mm, name = headline["metrics"], headline["name"]
+        ci = mm.get("auc_ci") or [None, None]
+        lo, hi = (_num(ci[0]), _num(ci[1])) if len(ci) == 2 else (None, None)
+        auc = _num(mm.get("auc"))
+        cards.append(
+            {
+                "k": f"{name} AUC",
+                "v": "–" if auc is None else f"{auc:.3f}",
+                "s": f"95% CI {lo:.3f}–{hi:.3f}" if lo is not None and hi is not None else "",
+            }
+        )
+        cav = headline.get("tpr_caveat") or {}
+        cards.append(
+            {
+                "k": f"{name} TPR@1%FPR",
+                "v": _pct(mm.get("tpr_at_1pct_fpr_strict")),
+                "s": "strict; paper's reading " + _pct(mm.get("tpr_at_1pct_fpr")),
+                "warn": cav.get("0.01"),
+            }
+        )
+        cards.append({"k": f"{name} TPR@5%FPR", "v": _pct(mm.get("tpr_at_5pct_fpr")), "s": "", "warn": cav.get("0.05")})
+    return cards
 
 
 def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
@@ -137,6 +296,10 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
             "verdicts": {},
         }
         finite = np.isfinite(raw)
+        n_non = (block or {}).get("n_nonmembers")
+        if n_non is None:
+            n_non = int(((y == 0) & finite).sum())
+        doc["tpr_caveat"] = {f"{lv:g}": D.tpr_caveat(n_non, lv) for lv in D.FPR_LEVELS}
         if higher is not None and finite.any():
             s = np.where(finite, D.oriented(np.nan_to_num(raw), higher), -np.inf)
             lab = (y >= 0) & finite
@@ -146,6 +309,7 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
             for blk in v.values():
                 # Threshold back in the method's own sign, for display ("TPD < 0.41").
                 blk["threshold_raw"] = blk["threshold"] if higher else -blk["threshold"]
+                blk["caveat"] = D.tpr_caveat(int(((y == 0) & finite).sum()), blk["level"])
             doc["verdicts"] = v
         method_docs.append(doc)
 
@@ -210,15 +374,18 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
             ablations = json.loads(ab_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             warnings.warn(f"report: {ab_path} is not readable JSON ({exc}); ablations left out", stacklevel=2)
+    if isinstance(ablations, dict):
+        ablations["tpr_caveat"] = {f"{lv:g}": D.tpr_caveat(ablations.get("n_nonmembers"), lv) for lv in D.FPR_LEVELS}
 
     src = config.get("source") or {}
-    model = ((src.get("fingerprint") or {}).get("model")) or {}
+    model_line, model_info = describe_model(config)
     meta = {
         "out_dir": str(out_dir.resolve()),
         "created": config.get("created"),
         "package_version": config.get("package_version"),
         "source": src.get("run") or src.get("traces"),
-        "model": model.get("name") or model.get("hub_id"),
+        "model": model_line,
+        "model_info": model_info,
         "members": config.get("members"),
         "nonmembers": config.get("nonmembers"),
         "max_new_tokens": config.get("max_new_tokens"),
@@ -231,7 +398,13 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
     }
     return D.finite_or_none(
         {
+            "kind": "audit" if audit is not None else "labelled",
             "meta": meta,
+            "cards": _cards(meta, method_docs, audit),
+            "group_names": AUDIT_GROUP_NAMES if audit is not None else GROUP_NAMES,
+            "label_names": {"0": "reference", "none": "benchmark"}
+            if audit is not None
+            else {"1": "member", "0": "non-member", "none": "unlabelled"},
             "has_labels": has_labels,
             "methods": method_docs,
             "questions": questions,

@@ -21,6 +21,29 @@ import numpy as np
 FPR_LEVELS = (0.01, 0.05)
 """The FPR levels offered for verdicts in the report."""
 
+MIN_NONMEMBERS_FOR_TPR = 100
+"""Below this many non-members, a TPR at a low FPR rests on a handful of false positives (or none)."""
+
+
+def tpr_caveat(n_nonmembers, level: float, noun: str = "non-members") -> str | None:
+    """The warning printed next to a TPR at ``level`` FPR computed from few non-members, or None.
+
+    >>> tpr_caveat(8, 0.01)
+    'from 8 non-members: under 100, a TPR at 1% FPR means little (0 false positives allowed)'
+    >>> tpr_caveat(250, 0.01) is None
+    True
+    """
+    if n_nonmembers is None:
+        return None
+    n = int(n_nonmembers)
+    if n >= MIN_NONMEMBERS_FOR_TPR:
+        return None
+    k = int(math.floor(level * n + 1e-9))
+    return (
+        f"from {n} {noun}: under {MIN_NONMEMBERS_FOR_TPR}, a TPR at {100 * level:g}% FPR means little "
+        f"({k} false positive{'' if k == 1 else 's'} allowed)"
+    )
+
 
 def finite_or_none(x):
     """JSON-safe copy of nested numbers: NaN/inf become None; numpy scalars become Python ones."""

@@ -47,6 +47,11 @@ def _styles(methods: list[dict]) -> dict:
     }
 
 
+def _names(doc: dict) -> dict:
+    """Group names as the page gives them (an audit's groups are reference and benchmark questions)."""
+    return {**NAMES, **(doc.get("group_names") or {})}
+
+
 def _direction(m: dict) -> str:
     h = m.get("higher_is_member")
     return "higher = member" if h else "lower = member" if h is False else "direction unknown"
@@ -100,6 +105,7 @@ def histogram_figure(doc: dict, path: Path) -> Path | None:
     if not methods:
         return None
     plt = _plt()
+    names = _names(doc)
     cols = min(3, len(methods))
     rows = math.ceil(len(methods) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
@@ -110,14 +116,15 @@ def histogram_figure(doc: dict, path: Path) -> Path | None:
         width = (edges[1] - edges[0]) / (len(groups) + 0.4)
         for j, g in enumerate(groups):
             xs = [edges[b] + (j + 0.2) * width for b in range(len(edges) - 1)]
-            ax.bar(xs, h["counts"][g], width=width, align="edge", color=COLORS[g], label=NAMES[g])
+            ax.bar(xs, h["counts"][g], width=width, align="edge", color=COLORS[g], label=names[g])
         ax.set_title(f"{m['name']} ({_direction(m)})", fontsize=10)
         ax.set_ylabel("questions")
         ax.yaxis.get_major_locator().set_params(integer=True)
     for ax in list(axes.flat)[len(methods) :]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8.5)
-    fig.suptitle("Score distributions, members vs non-members (raw scores, each method's own sign)", fontsize=12)
+    vs = "benchmark vs reference questions" if doc.get("kind") == "audit" else "members vs non-members"
+    fig.suptitle(f"Score distributions, {vs} (raw scores, each method's own sign)", fontsize=12)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -133,9 +140,10 @@ def token_figure(doc: dict, path: Path) -> Path | None:
     edges = th["edges"]
     groups = list(th["fractions"])
     width = (edges[1] - edges[0]) / (len(groups) + 0.4)
+    names = _names(doc)
     for j, g in enumerate(groups):
         xs = [edges[b] + (j + 0.2) * width for b in range(len(edges) - 1)]
-        label = f"{NAMES[g]} ({th['tokens'][g]} tokens, {th['questions'][g]} questions)"
+        label = f"{names[g]} ({th['tokens'][g]} tokens, {th['questions'][g]} questions)"
         ax.bar(xs, th["fractions"][g], width=width, align="edge", color=COLORS[g], label=label)
     ax.set_yscale("log")
     ax.set_xlim(0, 1)
@@ -188,7 +196,11 @@ def ablation_figure(doc: dict, path: Path) -> Path | None:
         ax.set_xlabel(titles.get(name, name))
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=len(labels), fontsize=8.5)
-    fig.suptitle("TPD ablations (one parameter varied, others at defaults; band: AUC 95% CI)", fontsize=11)
+    title = "TPD ablations (one parameter varied, others at defaults; band: AUC 95% CI)"
+    caveat = (ab.get("tpr_caveat") or {}).get("0.01")
+    if caveat:
+        title += f"\nTPR curves {caveat}"
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -6,7 +6,10 @@
   const DATA = JSON.parse(document.getElementById("report-data").textContent);
   const SVGNS = "http://www.w3.org/2000/svg";
   const COLORS = { member: "#0072b2", nonmember: "#d55e00", unlabelled: "#999999" };
-  const GROUP_NAMES = { member: "members", nonmember: "non-members", unlabelled: "unlabelled" };
+  // What the groups are: members / non-members, or in an audit the reference and benchmark questions.
+  const GROUP_NAMES = Object.assign({ member: "members", nonmember: "non-members", unlabelled: "unlabelled" }, DATA.group_names || {});
+  const LABEL_NAMES = Object.assign({ "1": "member", "0": "non-member", none: "unlabelled" }, DATA.label_names || {});
+  const IS_AUDIT = DATA.kind === "audit";
   // Method lines: Okabe-Ito colours, then dashes once they run out. TPD (the paper's method) in black.
   const PALETTE = ["#000000", "#e69f00", "#56b4e9", "#009e73", "#cc79a7", "#0072b2", "#d55e00", "#7f7f7f"];
   const DASHES = ["", "6 3", "2 3", "8 3 2 3"];
@@ -149,20 +152,17 @@
     toc.appendChild(el("a", { href: "#" + id, text: label }));
   }
 
-  // Headline numbers.
-  const stats = el("div", { class: "stats" });
-  function stat(k, v, s) {
-    stats.appendChild(el("div", { class: "stat" }, [el("div", { class: "k", text: k }), el("div", { class: "v", text: v }), s ? el("div", { class: "s", text: s }) : null]));
-  }
-  stat("questions", String(meta.n_questions || questions.length), meta.n_unlabelled ? meta.n_unlabelled + " unlabelled" : "");
-  stat("members", String(meta.n_members || 0), "in the distillation data");
-  stat("non-members", String(meta.n_nonmembers || 0), "never trained on");
-  if (headline) {
-    const mm = headline.metrics;
-    const ci = mm.auc_ci && isNum(mm.auc_ci[0]) ? "95% CI " + fmt(mm.auc_ci[0]) + "–" + fmt(mm.auc_ci[1]) : "";
-    stat(headline.name + " AUC", fmt(mm.auc), ci);
-    stat(headline.name + " TPR@1%FPR", pct(mm.tpr_at_1pct_fpr_strict), "strict; paper's reading " + pct(mm.tpr_at_1pct_fpr));
-    stat(headline.name + " TPR@5%FPR", pct(mm.tpr_at_5pct_fpr), "");
+  // Headline numbers (chosen and worded in Python: build._cards). A TPR set by few non-members carries a warning.
+  const stats = el("div", { class: "stats", id: "cards" });
+  for (const c of DATA.cards || []) {
+    stats.appendChild(
+      el("div", { class: "stat" }, [
+        el("div", { class: "k", text: c.k }),
+        el("div", { class: "v" }, [String(c.v), c.warn ? el("span", { class: "mark", text: "†", title: c.warn }) : null]),
+        c.s ? el("div", { class: "s", text: c.s }) : null,
+        c.warn ? el("div", { class: "s warn", text: "† " + c.warn }) : null,
+      ])
+    );
   }
   app.appendChild(stats);
 
@@ -186,15 +186,13 @@
     card("AUC bench vs reference", fmt(D.auc), "0.5 = indistinguishable");
     const ci = F.ci && isNum(F.ci[0]) ? (100 * (F.confidence || 0.95)).toFixed(0) + "% CI " + (100 * F.ci[0]).toFixed(0) + "–" + (100 * F.ci[1]).toFixed(0) + "%" : "";
     card("contaminated share", isNum(F.estimate) ? (100 * F.estimate).toFixed(0) + "%" : "–", (ci ? ci + "; " : "") + "a lower bound");
-    card("flagged", String(AU.n_flagged) + " of " + AU.n_bench, "at FDR " + +(100 * AU.fdr).toFixed(2) + "%; none or ≥ " + AU.min_flaggable);
+    card("flagged questions", String(AU.n_flagged) + " of " + AU.n_bench, "at FDR " + +(100 * AU.fdr).toFixed(2) + "%; none or ≥ " + AU.min_flaggable);
     const ref = AU.reference || {};
-    card("reference", String(AU.n_ref), ref.kind === "perturbed" ? "perturbed from the benchmark" : "known-unseen questions");
     s.appendChild(cards);
     const bits = [];
     if (AU.method) bits.push("method: " + AU.method + " (" + Object.keys(AU.params || {}).map((k) => k + "=" + AU.params[k]).join(", ") + ")");
     if (AU.benchmark && AU.benchmark.source) bits.push("benchmark: " + AU.benchmark.source);
     if (ref.source) bits.push("reference: " + ref.source);
-    if (AU.model) bits.push("model: " + AU.model);
     s.appendChild(el("div", { class: "meta" }, bits.map((b) => el("span", { text: b }))));
     for (const n of AU.notes || []) s.appendChild(el("p", { class: "note", text: "• " + n }));
 
@@ -225,14 +223,15 @@
         text:
           "Benchmark questions, most member-like first" + (rows.length > SHOW ? " (first " + SHOW + " of " + rows.length + "; all in audit_questions.csv)" : "") +
           ". The p-value is (1 + reference questions scoring at least as member-like) / (reference size + 1), so the smallest possible value is " + pv(AU.min_pvalue) +
-          ". Scores in the method's own sign. Reference questions appear in the table below as non-members; benchmark questions as unlabelled.",
+          ". Scores in the method's own sign. The question table below holds both the benchmark and the reference questions.",
       })
     );
     app.appendChild(s);
   }
 
   // -- metrics table -------------------------------------------------------------------------------------
-  {
+  // An audit has no known members, so no AUC or TPR per method: its section above compares benchmark and reference.
+  if (!IS_AUDIT || methods.some((m) => m.metrics)) {
     addToc("metrics", "Metrics");
     const s = section("metrics", "Metrics", "Every method scored on the same generations. AUC with a 95% bootstrap interval (members and non-members resampled separately). Best AUC highlighted.");
     if (!DATA.has_labels) s.appendChild(el("p", { class: "empty", text: "No labels (members and non-members are both needed), so no AUC or TPR. Scores are in the question table below." }));
@@ -249,6 +248,12 @@
     ]);
     const body = el("tbody");
     const best = byAuc.find((m) => m.metrics && isNum(m.metrics.auc));
+    const caveats = [];
+    function tprCell(m, v, level) {
+      const why = m.metrics && isNum(v) && m.tpr_caveat ? m.tpr_caveat[level] : null;
+      if (why && !caveats.includes(why)) caveats.push(why);
+      return el("td", { class: "num" }, [pct(v), why ? el("span", { class: "mark", text: "†", title: why }) : null]);
+    }
     for (const m of byAuc) {
       const mm = m.metrics || {};
       const ci = mm.auc_ci && isNum(mm.auc_ci[0]) ? fmt(mm.auc_ci[0]) + " – " + fmt(mm.auc_ci[1]) : "–";
@@ -259,9 +264,9 @@
           nameCell,
           el("td", { class: "num", text: fmt(mm.auc) }),
           el("td", { class: "num", text: ci }),
-          el("td", { class: "num", text: pct(mm.tpr_at_1pct_fpr_strict) }),
-          el("td", { class: "num", text: pct(mm.tpr_at_1pct_fpr) }),
-          el("td", { class: "num", text: pct(mm.tpr_at_5pct_fpr) }),
+          tprCell(m, mm.tpr_at_1pct_fpr_strict, "0.01"),
+          tprCell(m, mm.tpr_at_1pct_fpr, "0.01"),
+          tprCell(m, mm.tpr_at_5pct_fpr, "0.05"),
           el("td", { class: "num", text: mm.n_members != null ? String(mm.n_members) : "–" }),
           el("td", { class: "num", text: mm.n_nonmembers != null ? String(mm.n_nonmembers) : "–" }),
           el("td", { class: "params", text: params }),
@@ -269,6 +274,7 @@
       );
     }
     s.appendChild(el("div", { class: "tablewrap" }, [el("table", { class: "metrics" }, [el("thead", null, [head]), body])]));
+    for (const why of caveats) s.appendChild(el("p", { class: "note warn", text: "† " + why + "." }));
     s.appendChild(
       el("p", {
         class: "note",
@@ -332,7 +338,9 @@
   }
   if (methods.length) {
     addToc("scores", "Scores");
-    const s = section("scores", "Score distributions", "Each method's raw score, in its own sign (TPD as in the paper), members against non-members. Well-separated colours mean an easy split.");
+    const s = section("scores", "Score distributions", IS_AUDIT
+        ? "Each method's raw score, in its own sign (TPD as in the paper), benchmark questions against reference questions (known unseen). Benchmark scores shifted towards the member side of the reference suggest contamination."
+        : "Each method's raw score, in its own sign (TPD as in the paper), members against non-members. Well-separated colours mean an easy split.");
     const chips = el("div", { class: "legend" });
     for (const g of ["member", "nonmember", "unlabelled"]) if (methods.some((m) => m.hist && m.hist.counts[g])) chips.appendChild(legendItem(GROUP_NAMES[g], COLORS[g], null, null, true));
     s.appendChild(chips);
@@ -359,7 +367,7 @@
     const s = section(
       "tokprobs",
       "Generated-token probabilities",
-      "The paper's motivating figure: the probability of each greedily generated token (the first M = " + TOK.M + " per question, as TPD reads them; longest generation here: " + (TH.longest || "?") + " tokens), members against non-members. A model distilled on a question answers it with near-certain tokens; unseen questions give more low-probability tokens. The y axis is logarithmic."
+      "The paper's motivating figure: the probability of each greedily generated token (the first M = " + TOK.M + " per question, as TPD reads them; longest generation here: " + (TH.longest || "?") + " tokens), " + (IS_AUDIT ? "benchmark questions against reference questions (known unseen)" : "members against non-members") + ". A model distilled on a question answers it with near-certain tokens; unseen questions give more low-probability tokens. The y axis is logarithmic."
     );
     const groups = Object.keys(TH.fractions);
     const all = groups.flatMap((g) => TH.fractions[g]).filter((v) => v > 0);
@@ -422,6 +430,7 @@
       charts.appendChild(box);
     }
     s.appendChild(charts);
+    for (const why of [AB.tpr_caveat && AB.tpr_caveat["0.01"], AB.tpr_caveat && AB.tpr_caveat["0.05"]]) if (why) s.appendChild(el("p", { class: "note warn", text: "TPR curves " + why + "." }));
     const lg = el("div", { class: "legend" });
     for (const L of lines) lg.appendChild(legendItem(L.label, L.color, L.dash, 1.8));
     lg.appendChild(legendItem("default value", "#c8b8e8", "", 1.5));
@@ -434,18 +443,27 @@
   const QS = section(
     "questions",
     "Questions",
-    "One row per question; click a row to open the question and its first M = " + (TOK.M || "?") + " generated tokens, coloured by probability (hover a token for its text, probability and whether it entered TPD: p < τ = " + TOK.tau + "). Click a column header to sort. The verdict flags a question as a member when its score passes the threshold at which at most the chosen share of non-members is flagged."
+    "One row per question; click a row to open the question and its first M = " + (TOK.M || "?") + " generated tokens, coloured by probability (hover a token for its text, probability and whether it entered TPD: p < τ = " + TOK.tau + "). Click a column header to sort. " +
+      (AU
+        ? "The verdict column shows the audit's flags (Benjamini–Hochberg at FDR " + +(100 * AU.fdr).toFixed(2) + "% over the benchmark questions; reference questions are not tested). Choose a method instead to flag the questions whose score passes the threshold at which at most the chosen share of reference questions is flagged (one threshold, no correction for testing many questions)."
+        : "The verdict flags a question as a member when its score passes the threshold at which at most the chosen share of non-members is flagged.")
   );
   app.appendChild(QS);
 
   const verdictMethods = methods.filter((m) => m.verdicts && Object.keys(m.verdicts).length);
+  // In an audit, the default verdict is the audit's own flag (BH at the FDR); reference rows are not tested.
+  const auditFlag = AU ? (() => {
+    const f = {};
+    for (const r of AU.questions || []) f[r.id] = r.flagged ? 1 : 0;
+    return questions.map((q) => (Object.prototype.hasOwnProperty.call(f, q.id) ? f[q.id] : null));
+  })() : null;
   const state = {
     sortKey: "index",
     sortDir: 1,
     label: "all",
     verdict: "all",
     search: "",
-    vmethod: (verdictMethods.find((m) => m.name === "tpd") || verdictMethods[0] || {}).name || null,
+    vmethod: AU ? "audit" : (verdictMethods.find((m) => m.name === "tpd") || verdictMethods[0] || {}).name || null,
     level: String(DATA.levels && DATA.levels.length ? DATA.levels[0] : 0.01),
     open: new Set(),
   };
@@ -461,14 +479,18 @@
     controls.appendChild(el("label", null, [label, sel]));
     return sel;
   }
-  if (verdictMethods.length) {
-    select("verdict by", verdictMethods.map((m) => [m.name, m.name]), state.vmethod, (v) => { state.vmethod = v; render(); }, "vmethod");
-    select("at FPR ≤", (DATA.levels || [0.01, 0.05]).map((l) => [String(l), +(100 * l).toFixed(2) + "%"]), state.level, (v) => { state.level = v; render(); }, "level");
+  let levelSel = null;
+  if (verdictMethods.length || AU) {
+    const vopts = (AU ? [["audit", "audit (BH, FDR " + +(100 * AU.fdr).toFixed(2) + "%)"]] : []).concat(verdictMethods.map((m) => [m.name, m.name]));
+    select("verdict by", vopts, state.vmethod, (v) => { state.vmethod = v; render(); }, "vmethod");
+    if (verdictMethods.length) levelSel = select("at FPR ≤", (DATA.levels || [0.01, 0.05]).map((l) => [String(l), +(100 * l).toFixed(2) + "%"]), state.level, (v) => { state.level = v; render(); }, "level");
   }
-  const labelOpts = [["all", "all"], ["1", "members"], ["0", "non-members"]];
-  if (questions.some((q) => q.label == null)) labelOpts.push(["none", "unlabelled"]);
-  select("label", labelOpts, "all", (v) => { state.label = v; render(); }, "flabel");
-  select("verdict", [["all", "all"], ["flag", "flagged as member"], ["noflag", "not flagged"]], "all", (v) => { state.verdict = v; render(); }, "fverdict");
+  const labelOpts = [["all", "all"]];
+  if (!IS_AUDIT || questions.some((q) => q.label === 1)) labelOpts.push(["1", GROUP_NAMES.member]);
+  labelOpts.push(["0", GROUP_NAMES.nonmember]);
+  if (questions.some((q) => q.label == null)) labelOpts.push(["none", GROUP_NAMES.unlabelled]);
+  select(IS_AUDIT ? "set" : "label", labelOpts, "all", (v) => { state.label = v; render(); }, "flabel");
+  select("verdict", [["all", "all"], ["flag", IS_AUDIT ? "flagged" : "flagged as member"], ["noflag", "not flagged"]], "all", (v) => { state.verdict = v; render(); }, "fverdict");
   const search = el("input", { type: "search", placeholder: "search question or id", id: "fsearch" });
   search.addEventListener("input", () => { state.search = search.value.toLowerCase(); render(); });
   controls.appendChild(el("label", null, ["text", search]));
@@ -480,23 +502,45 @@
   const status = el("div", { class: "status", id: "status" });
   QS.appendChild(status);
 
+  // Columns: the verdict right after the id, so it stays in view however many methods follow.
+  // Each column draws its own cell, so header and cells cannot drift apart.
   const cols = [
-    { key: "index", label: "#", num: true, value: (i) => i },
-    { key: "id", label: "id", value: (i) => questions[i].id },
-    { key: "label", label: "label", value: (i) => (questions[i].label == null ? -1 : questions[i].label) },
-    { key: "text", label: "question", value: (i) => (questions[i].text || "").toLowerCase() },
-    { key: "n_tokens", label: "tokens", num: true, value: (i) => (questions[i].n_tokens == null ? -1 : questions[i].n_tokens) },
+    { key: "index", label: "#", num: true, value: (i) => i, cell: (i) => el("td", { class: "num", text: String(i + 1) }) },
+    { key: "id", label: "id", value: (i) => questions[i].id, cell: (i) => el("td", { class: "id", text: questions[i].id, title: questions[i].id }) },
+    { key: "verdict", label: "verdict", value: (i) => verdictOf(i), cell: (i) => el("td", { class: "verdict" }, [verdictBadge(i)]) },
+    { key: "label", label: IS_AUDIT ? "set" : "label", value: (i) => (questions[i].label == null ? -1 : questions[i].label), cell: (i) => el("td", null, [labelBadge(questions[i].label)]) },
+    {
+      key: "text",
+      label: "question",
+      value: (i) => (questions[i].text || "").toLowerCase(),
+      cell: (i) => { const q = questions[i]; return el("td", { class: "qtext-cell", text: q.text == null ? "–" : q.text.replace(/\s+/g, " "), title: q.text || "" }); },
+    },
+    {
+      key: "n_tokens",
+      label: "tokens",
+      num: true,
+      value: (i) => (questions[i].n_tokens == null ? -1 : questions[i].n_tokens),
+      cell: (i) => el("td", { class: "num", text: questions[i].n_tokens == null ? "–" : String(questions[i].n_tokens) }),
+    },
   ];
-  for (const m of methods) cols.push({ key: "m:" + m.name, label: m.name, num: true, method: m, value: (i) => { const v = questions[i].scores[m.name]; return isNum(v) ? v : Infinity; } });
-  cols.push({ key: "verdict", label: "verdict", value: (i) => verdictOf(i) });
+  for (const m of methods)
+    cols.push({
+      key: "m:" + m.name,
+      label: m.name,
+      num: true,
+      method: m,
+      value: (i) => { const v = questions[i].scores[m.name]; return isNum(v) ? v : Infinity; },
+      cell: (i) => el("td", { class: "num", text: fmtScore(questions[i].scores[m.name]) }),
+    });
 
   function currentVerdict() {
+    if (state.vmethod === "audit" && auditFlag) return { audit: true, m: null, v: { flag: auditFlag } };
     const m = verdictMethods.find((x) => x.name === state.vmethod);
     return m ? { m: m, v: m.verdicts[state.level] || m.verdicts[Object.keys(m.verdicts)[0]] } : null;
   }
   function verdictOf(i) {
     const cv = currentVerdict();
-    if (!cv || !cv.v) return -1;
+    if (!cv || !cv.v || cv.v.flag[i] == null) return -1;
     return cv.v.flag[i];
   }
 
@@ -520,14 +564,16 @@
   QS.appendChild(el("div", { class: "tablewrap" }, [table]));
 
   function labelBadge(l) {
-    if (l === 1) return el("span", { class: "badge member", text: "member" });
-    if (l === 0) return el("span", { class: "badge nonmember", text: "non-member" });
-    return el("span", { class: "badge unlabelled", text: "unlabelled" });
+    if (l === 1) return el("span", { class: "badge member", text: LABEL_NAMES["1"] });
+    if (l === 0) return el("span", { class: "badge nonmember", text: LABEL_NAMES["0"] });
+    return el("span", { class: "badge unlabelled", text: LABEL_NAMES.none });
   }
   function verdictBadge(i) {
     const cv = currentVerdict();
     if (!cv || !cv.v) return el("span", { class: "badge na", text: DATA.has_labels || (meta.n_nonmembers || 0) > 0 ? "n/a" : "no labels" });
-    return cv.v.flag[i] ? el("span", { class: "badge flag", text: "member" }) : el("span", { class: "badge noflag", text: "not flagged" });
+    const f = cv.v.flag[i];
+    if (f == null) return el("span", { class: "badge na", text: "not tested", title: "Reference questions are the yardstick, not under audit." });
+    return f ? el("span", { class: "badge flag", text: IS_AUDIT ? "flagged" : "member" }) : el("span", { class: "badge noflag", text: "not flagged" });
   }
   function probClass(p) {
     return p >= 0.99 ? "p0" : p >= 0.95 ? "p1" : p >= 0.9 ? "p2" : p >= 0.75 ? "p3" : p >= 0.5 ? "p4" : p >= 0.25 ? "p5" : "p6";
@@ -558,7 +604,10 @@
     for (const m of methods) head.appendChild(el("span", { text: m.name + " " + fmtScore(q.scores[m.name]) }));
     if (q.n_tokens != null) head.appendChild(el("span", { text: q.n_tokens + " tokens generated" + (q.finish ? " (" + q.finish + ")" : "") }));
     const cv = currentVerdict();
-    if (cv && cv.v) head.appendChild(el("span", null, ["verdict (" + cv.m.name + ", FPR ≤ " + +(100 * cv.v.level).toFixed(2) + "%): ", verdictBadge(i)]));
+    if (cv && cv.v) {
+      const how = cv.audit ? "audit, BH at FDR " + +(100 * AU.fdr).toFixed(2) + "%" : cv.m.name + ", FPR ≤ " + +(100 * cv.v.level).toFixed(2) + "%";
+      head.appendChild(el("span", null, ["verdict (" + how + "): ", verdictBadge(i)]));
+    }
     inner.appendChild(head);
     inner.appendChild(el("div", { class: "detail-q", text: q.text == null ? "(question text not stored)" : q.text }));
     if (row) {
@@ -611,15 +660,8 @@
     const idx = shown();
     while (tbody.firstChild) tbody.removeChild(tbody.firstChild);
     for (const i of idx) {
-      const q = questions[i];
       const tr = el("tr", { class: "q-row" + (state.open.has(i) ? " open" : ""), "data-index": i });
-      tr.appendChild(el("td", { class: "num", text: String(i + 1) }));
-      tr.appendChild(el("td", { class: "id", text: q.id, title: q.id }));
-      tr.appendChild(el("td", null, [labelBadge(q.label)]));
-      tr.appendChild(el("td", { class: "qtext-cell", text: q.text == null ? "–" : q.text.replace(/\s+/g, " "), title: q.text || "" }));
-      tr.appendChild(el("td", { class: "num", text: q.n_tokens == null ? "–" : String(q.n_tokens) }));
-      for (const m of methods) tr.appendChild(el("td", { class: "num", text: fmtScore(q.scores[m.name]) }));
-      tr.appendChild(el("td", null, [verdictBadge(i)]));
+      for (const c of cols) tr.appendChild(c.cell(i));
       tr.addEventListener("click", () => {
         // Only this row's detail changes: no full re-render (fast with many rows open).
         if (state.open.has(i)) {
@@ -644,14 +686,20 @@
     }
     let msg = "Showing " + idx.length + " of " + questions.length + " questions.";
     const cv = currentVerdict();
-    if (cv && cv.v) {
+    if (cv && cv.audit) {
+      msg += " Verdict: the audit's flags, Benjamini–Hochberg at FDR " + +(100 * AU.fdr).toFixed(2) + "% over the " + AU.n_bench + " benchmark questions: " + AU.n_flagged + " flagged; reference questions are not tested.";
+    } else if (cv && cv.v) {
       const m = cv.m, v = cv.v;
       const op = m.higher_is_member ? ">" : "<";
-      msg += " Verdict: " + m.name + " " + op + " " + fmtScore(v.threshold_raw) + " flags a member (FPR on non-members " + pct(v.fpr) + (isNum(v.tpr) ? ", TPR " + pct(v.tpr) : "") + ").";
+      if (IS_AUDIT)
+        msg += " Verdict: " + m.name + " " + op + " " + fmtScore(v.threshold_raw) + " flags a question (reference questions flagged: " + pct(v.fpr) + "; no correction for testing many questions).";
+      else
+        msg += " Verdict: " + m.name + " " + op + " " + fmtScore(v.threshold_raw) + " flags a member (FPR on non-members " + pct(v.fpr) + (isNum(v.tpr) ? ", TPR " + pct(v.tpr) : "") + ")." + (isNum(v.tpr) && v.caveat ? " † TPR " + v.caveat + "." : "");
     } else if (!(meta.n_nonmembers > 0)) {
       msg += " No verdicts: they need labelled non-members to set a threshold.";
     }
     status.textContent = msg;
+    if (levelSel) levelSel.disabled = state.vmethod === "audit";
   }
   const OPEN_MAX = 100;
   openAll.addEventListener("click", () => {
