@@ -140,13 +140,11 @@ def student_scores(cfg: dict, seed: int, work: Path, base: str) -> dict:
     """Distil one student on the seed's members, generate every question, return oriented TPD scores."""
     import numpy as np
 
+    from distill_detect import api
     from distill_detect.data import load_questions
-    from distill_detect.detectors import get
-    from distill_detect.experiment import hf_factory
+    from distill_detect.experiment import cpu_float32
     from distill_detect.finetune import FinetuneConfig, finetune
-    from distill_detect.metrics import membership_score
-    from distill_detect.pipeline import generate_run, load_run_traces
-    from distill_detect.scoring import resolve_methods, score_traces
+    from distill_detect.types import GenConfig
 
     times = {}
     allq = load_questions(cfg["data"], require_response=True)
@@ -175,22 +173,16 @@ def student_scores(cfg: dict, seed: int, work: Path, base: str) -> dict:
     t = time.time()
     run = work / "run"
     say(f"seed {seed}: generating {need} questions, {cfg['max_new_tokens']} tokens each")
-    s = generate_run(
-        members + unseen,
-        run,
-        hf_factory(str(student)),
-        max_new_tokens=cfg["max_new_tokens"],
-        batch_size=cfg["gen_batch"],
-        log=say,
-    )
+    gen = GenConfig(max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["gen_batch"])
+    s = api.generate(members + unseen, run, model=cpu_float32(str(student)), gen=gen, log=say)
     times["generate_s"] = time.time() - t
     times["generated_tokens"] = s["tokens"]
 
-    traces, fp, _ = load_run_traces(run, max_new_tokens=cfg["max_new_tokens"])
-    by_id = {tr.id: tr for tr in traces}
-    ordered = [by_id[q.id] for q in members + unseen]
-    params = resolve_methods(["tpd"])
-    scores = membership_score(get("tpd"), score_traces(ordered, params)["tpd"])
+    res = api.score(run, methods="tpd", max_new_tokens=cfg["max_new_tokens"], bootstrap=0)
+    index = {i: k for k, i in enumerate(res.ids)}
+    oriented = res.membership("tpd")  # higher = member
+    scores = oriented[[index[q.id] for q in members + unseen]]
+    params, fp = res.methods, res.config["source"]["fingerprint"]
     return {
         "member_scores": scores[: len(members)],
         "unseen_scores": scores[len(members) :],
@@ -249,7 +241,16 @@ def draw_audits(cfg: dict, seed: int, sc: dict) -> list[dict]:
             seen = mem[rng.choice(mem.size, k, replace=False)]
             bench = np.r_[seen, non]
             label = np.r_[np.ones(k, bool), np.zeros(n - k, bool)]
-            res = audit([f"q{i}" for i in range(n)], bench, ref, fdr=cfg["fdr"], alpha=cfg["alpha"], n_boot=cfg["n_boot"], seed=d)
+            res = audit(
+                [f"q{i}" for i in range(n)],
+                bench,
+                ref,
+                higher_is_member=True,
+                fdr=cfg["fdr"],
+                alpha=cfg["alpha"],
+                n_boot=cfg["n_boot"],
+                seed=d,
+            )
             fl = res.flagged
             rows.append(
                 {

@@ -3,7 +3,7 @@
 The paper sweeps the token budget M (AUC rises then falls, best near 300), tau and
 alpha. Traces already hold every generated token's probability, so a sweep is pure
 arithmetic: no model is loaded and nothing is generated. Each point is scored with
-``distill_detect.detectors.tpd.tpd_score`` and evaluated with ``distill_detect.metrics``
+``distill_detect.detectors.tpd.tpd_deviation`` and evaluated with ``distill_detect.metrics``
 (orientation through ``membership_score``, as everywhere else).
 
 Result layout (also the content of ``DIR/ablations.json``)::
@@ -49,16 +49,17 @@ def _auc_ci(y: np.ndarray, s: np.ndarray, n_resamples: int, seed: int) -> list[f
 
 def _point(logprobs: list[np.ndarray], y: np.ndarray, params: dict, n_resamples: int, seed: int) -> dict:
     from distill_detect.detectors import get
-    from distill_detect.detectors.tpd import tpd_score
+    from distill_detect.detectors.tpd import tpd_deviation
     from distill_detect.metrics import membership_score, roc_auc, tpr_at_fpr
 
-    raw = np.array([tpd_score(lp, **params) for lp in logprobs], dtype=np.float64)
+    raw = np.array([tpd_deviation(lp, **params) for lp in logprobs], dtype=np.float64)
     s = membership_score(get("tpd"), raw)
     out = {
         "auc": roc_auc(y, s),
         "tpr_at_1pct_fpr": tpr_at_fpr(y, s, fpr=0.01, reading="paper"),
         "tpr_at_1pct_fpr_strict": tpr_at_fpr(y, s, fpr=0.01, reading="strict"),
-        "tpr_at_5pct_fpr": tpr_at_fpr(y, s, fpr=0.05, reading="strict"),
+        "tpr_at_5pct_fpr": tpr_at_fpr(y, s, fpr=0.05, reading="paper"),
+        "tpr_at_5pct_fpr_strict": tpr_at_fpr(y, s, fpr=0.05, reading="strict"),
     }
     if n_resamples > 0:
         out["auc_ci"] = _auc_ci(y, s, n_resamples, seed)

@@ -453,16 +453,36 @@ def audit(
     n_boot: int = 2000,
     test_method: str = "auto",
     seed: int = 0,
+    method: str | None = None,
+    higher_is_member: bool | None = None,
 ) -> AuditResult:
-    """Audit a benchmark from membership scores (higher = member) of it and of a reference set.
+    """Audit a benchmark from the scores of its questions and of a reference set's.
 
-    >>> r = audit(["a", "b", "c"], [9.0, 0.2, -0.3], [0.0, 0.1, -0.5, 0.3, -0.1], n_boot=0)
+    The scores' orientation must be stated: ``method`` (a detector's name: its raw scores,
+    oriented by its known direction, e.g. ``method="tpd"`` for raw TPD, lower = member) or
+    ``higher_is_member``. Scores of unknown orientation are refused: read the wrong way round,
+    a contaminated benchmark reads as clean.
+
+    >>> r = audit(["a", "b", "c"], [9.0, 0.2, -0.3], [0.0, 0.1, -0.5, 0.3, -0.1], higher_is_member=True, n_boot=0)
     >>> r.pvalues.tolist(), r.n_flagged
     ([0.16666666666666666, 0.3333333333333333, 0.8333333333333334], 0)
     """
     ids = tuple(str(i) for i in bench_ids)
     bench = _scores(bench_scores, "bench_scores")
     ref = _scores(ref_scores, "ref_scores")
+    if (method is None) == (higher_is_member is None):
+        from distill_detect.errors import ConfigError
+
+        raise ConfigError(
+            "audit(): state the scores' orientation with exactly one of method='tpd' (a detector's raw scores, "
+            "oriented by its direction) or higher_is_member=True/False"
+        )
+    if method is not None:
+        from distill_detect.detectors import get
+
+        higher_is_member = get(method).higher_is_member
+    if not higher_is_member:
+        bench, ref = -bench, -ref
     if len(ids) != bench.size:
         raise ValueError(f"{len(ids)} ids but {bench.size} scores")
     if len(set(ids)) != len(ids):

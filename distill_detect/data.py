@@ -94,6 +94,9 @@ def read_records(path) -> list[tuple[int, dict]]:
     return recs
 
 
+_ARRAY_IN_JSONL = "this is a JSON array, not JSON Lines (one object per line): name the file .json"
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     out = []
     # Split on "\n" only: str.splitlines() would also split inside a JSON string holding U+2028 etc.
@@ -103,7 +106,11 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
+            if not out and line.lstrip().startswith("["):
+                raise InputError(path, _ARRAY_IN_JSONL, line=i) from None
             raise InputError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=i) from None
+        if isinstance(rec, list) and rec and all(isinstance(x, dict) for x in rec) and not out:
+            raise InputError(path, _ARRAY_IN_JSONL, line=i)
         if not isinstance(rec, dict):
             raise InputError(path, f"expected a JSON object, got {type(rec).__name__}", line=i)
         out.append((i, rec))

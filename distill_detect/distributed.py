@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import sqlite3
 import sys
 import time
 from collections import deque
@@ -35,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distill_detect.errors import ConfigError, DistillDetectError
-from distill_detect.store import DB_NAME, TraceStore, fingerprint_diff
+from distill_detect.store import TraceStore, fingerprint_diff
 from distill_detect.types import Question
 
 # -- shards ---------------------------------------------------------------------------------------
@@ -74,11 +72,6 @@ def shard_questions(questions: Sequence[Question], index: int, count: int) -> li
 
 # -- merge ----------------------------------------------------------------------------------------
 
-_TRACE_COLS = (
-    "finish_reason, max_new_tokens, num_tokens, output_text, output_ids, output_logprobs, output_mean_logp, "
-    "output_std_logp, prompt_ids, prompt_logprobs, prompt_mean_logp, prompt_std_logp"
-)
-
 
 def merge_runs(sources: Sequence, out, *, log: Callable[[str], None] | None = None) -> dict:
     """Combine run directories made with one fingerprint into ``out`` (created, or extended if it matches).
@@ -93,74 +86,64 @@ def merge_runs(sources: Sequence, out, *, log: Callable[[str], None] | None = No
     out = Path(out)
     if any(s.resolve() == out.resolve() for s in srcs):
         raise ConfigError(f"--out {out} is also one of the inputs; merge into a new directory")
-    fps, dbs = [], []
-    for s in srcs:
-        if not (s / DB_NAME).exists():
-            raise DistillDetectError(f"{s}: not a run directory (no {DB_NAME})")
-        db = sqlite3.connect(f"file:{s / DB_NAME}?mode=ro", uri=True)
-        row = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
-        if row is None:
-            raise DistillDetectError(f"{s}: has no fingerprint yet (no trace was ever generated); leave it out")
-        fps.append(json.loads(row[0]))
-        dbs.append(db)
-    for s, fp in zip(srcs[1:], fps[1:]):
-        diff = fingerprint_diff(fps[0], fp)
-        if diff:
-            raise ConfigError(f"cannot merge {srcs[0]} and {s}: made with different settings ({'; '.join(diff)})")
-
-    # Gather everything first and check it; write only when the whole merge is consistent.
-    questions: dict[str, tuple] = {}
-    traces: dict[str, tuple] = {}
-    extras: dict[tuple[str, str], tuple] = {}
-    dup_identical = 0
-    for s, db in zip(srcs, dbs):
-        for qid, text, label in db.execute("SELECT id, question, label FROM questions ORDER BY seq"):
-            if qid in questions and questions[qid][0] != text:
-                raise ConfigError(f"question id {qid!r} has different text in {questions[qid][2]} and {s}; cannot merge")
-            if qid in questions and questions[qid][1] != label and label is not None and questions[qid][1] is not None:
-                raise ConfigError(f"question {qid!r} has label {questions[qid][1]} in {questions[qid][2]} but {label} in {s}")
-            if qid not in questions or questions[qid][1] is None:
-                questions[qid] = (text, label, s)
-        for row in db.execute(f"SELECT id, {_TRACE_COLS} FROM traces"):
-            qid, data = row[0], row[1:]
-            if qid in traces:
-                if traces[qid][0] != data:
-                    raise ConfigError(
-                        f"question {qid!r} has different traces in {traces[qid][1]} and {s} (same fingerprint, so one of "
-                        "them was generated under another cap or by a non-deterministic server); merge without one of them"
-                    )
-                dup_identical += 1
-                continue
-            traces[qid] = (data, s)
-        for qid, name, pass_fp, dtype, blob in db.execute("SELECT id, name, pass_fp, dtype, data FROM extras"):
-            key = (qid, name)
-            if key in extras and extras[key][0] != (pass_fp, dtype, blob):
-                raise ConfigError(f"question {qid!r}: extra array {name!r} differs between {extras[key][1]} and {s}")
-            extras.setdefault(key, ((pass_fp, dtype, blob), s))
-    model_meta = dbs[0].execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
-    for db in dbs:
-        db.close()
+    stores = [TraceStore(s, readonly=True) for s in srcs]
+    try:
+        fps = [st.get_meta("fingerprint") for st in stores]
+        for s, fp in zip(srcs, fps):
+            if fp is None:
+                raise DistillDetectError(f"{s}: has no fingerprint yet (no trace was ever generated); leave it out")
+        for s, fp in zip(srcs[1:], fps[1:]):
+            diff = fingerprint_diff(fps[0], fp)
+            if diff:
+                raise ConfigError(f"cannot merge {srcs[0]} and {s}: made with different settings ({'; '.join(diff)})")
+        # Gather everything first and check it; write only when the whole merge is consistent.
+        questions: dict[str, tuple] = {}
+        traces: dict[str, tuple] = {}
+        extras: dict[tuple[str, str], tuple] = {}
+        dup_identical = 0
+        for s, st in zip(srcs, stores):
+            for q in st.questions():
+                known = questions.get(q.id)
+                if known and known[0] != q.text:
+                    raise ConfigError(f"question id {q.id!r} has different text in {known[2]} and {s}; cannot merge")
+                if known and known[1] != q.label and None not in (known[1], q.label):
+                    raise ConfigError(f"question {q.id!r} has label {known[1]} in {known[2]} but {q.label} in {s}")
+                if not known or known[1] is None:
+                    questions[q.id] = (q.text, q.label, s)
+            for qid, *data in st.trace_rows():
+                if qid in traces:
+                    if traces[qid][0] != tuple(data):
+                        raise ConfigError(
+                            f"question {qid!r} has different traces in {traces[qid][1]} and {s} (same fingerprint, so one of "
+                            "them was generated under another cap or by a non-deterministic server); merge without one of them"
+                        )
+                    dup_identical += 1
+                    continue
+                traces[qid] = (tuple(data), s)
+            for qid, name, *val in st.extra_rows():
+                key = (qid, name)
+                if key in extras and extras[key][0] != tuple(val):
+                    raise ConfigError(f"question {qid!r}: extra array {name!r} differs between {extras[key][1]} and {s}")
+                extras.setdefault(key, (tuple(val), s))
+        model_meta = stores[0].get_meta("model")
+    finally:
+        for st in stores:
+            st.close()
 
     store = TraceStore(out, create=True)
     try:
         with store.writer(fps[0]):
-            existing = {r[0]: r[1:] for r in store.db.execute(f"SELECT id, {_TRACE_COLS} FROM traces")}
+            existing = {qid: tuple(data) for qid, *data in store.trace_rows()}
             for qid, (data, s) in traces.items():
-                if qid in existing and tuple(existing[qid]) != data:
+                if qid in existing and existing[qid] != data:
                     raise ConfigError(f"question {qid!r} in {s} differs from the trace already in {out}; cannot merge")
             store.add_questions(Question(id=q, text=t, label=lab) for q, (t, lab, _) in questions.items())
             if model_meta is not None:
-                store.set_meta("model", json.loads(model_meta[0]))
-            now = time.time()
-            with store._tx():
-                store.db.executemany(
-                    f"INSERT OR REPLACE INTO traces (id, {_TRACE_COLS}, created) VALUES ({', '.join('?' * 14)})",
-                    [(qid, *data, now) for qid, (data, _) in traces.items()],
-                )
-                store.db.executemany(
-                    "INSERT OR REPLACE INTO extras (id, name, pass_fp, dtype, data) VALUES (?, ?, ?, ?, ?)",
-                    [(qid, name, *val) for (qid, name), (val, _) in extras.items()],
-                )
+                store.set_meta("model", model_meta)
+            store.put_trace_rows(
+                ((qid, *data) for qid, (data, _) in traces.items()),
+                ((qid, name, *val) for (qid, name), (val, _) in extras.items()),
+            )
             counts = store.counts()
     finally:
         store.close()

@@ -19,13 +19,18 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def cpu_float32(model: str):
+    """The experiments' model settings: float32 on the CPU (the protocol's reference precision)."""
+    from distill_detect.settings import ModelSettings
+
+    return ModelSettings(model=model, dtype="float32", device="cpu")
+
+
 def hf_factory(model: str):
-    def make():
-        from distill_detect.backends.hf import HFBackend
+    """A backend factory for ``model`` in float32 on the CPU (benchmarks that drive ``pipeline.generate_run``)."""
+    from distill_detect.types import GenConfig
 
-        return HFBackend(model, dtype="float32", device="cpu")
-
-    return make
+    return cpu_float32(model).factory(GenConfig())
 
 
 def student_experiment(
@@ -42,13 +47,14 @@ def student_experiment(
     """Split, fine-tune, generate, pass, score. Returns metrics, timings and the student's training record."""
     import numpy as np
 
+    from distill_detect import api
     from distill_detect.blind import blind_scores
     from distill_detect.data import load_questions, paper_split
     from distill_detect.finetune import FinetuneConfig, finetune
     from distill_detect.metrics import summarize
     from distill_detect.models import resolve_model
-    from distill_detect.pipeline import generate_run, load_run_traces, run_passes, score_and_write
-    from distill_detect.scoring import resolve_methods, write_outputs
+    from distill_detect.scoring import write_outputs
+    from distill_detect.types import GenConfig
 
     times: dict[str, float] = {}
     allq = load_questions(cfg["data"], require_response=True)
@@ -72,35 +78,20 @@ def student_experiment(
     times["finetune_s"] = time.time() - t
     record = json.loads((student / "distill_detect_finetune.json").read_text())
 
+    # The one pipeline (distill_detect.api): generation first, timed alone, then passes and scoring.
+    out, model = work / "results", cpu_float32(str(student))
+    gen = GenConfig(max_new_tokens=max_new_tokens, batch_size=cfg["gen_batch"])
     t = time.time()
-    run = work / "run"
     say(f"generating {len(evaluation)} questions, {max_new_tokens} tokens each")
-    s = generate_run(
-        evaluation, run, hf_factory(str(student)), max_new_tokens=max_new_tokens, batch_size=cfg["gen_batch"], log=say
-    )
+    s = api.generate(evaluation, out / "run", model=model, gen=gen, log=say)
     times["generate_s"] = time.time() - t
     times["generated_tokens"] = s["tokens"]
-
     t = time.time()
-    ref_model = resolve_model(cfg["base"])
-    run_passes(
-        run,
-        methods,
-        student_factory=hf_factory(str(student)),
-        reference_factory=hf_factory(ref_model.location),
-        reference_identity=ref_model.identity,
-        batch_size=cfg["gen_batch"],
-        log=say,
-    )
-    times["passes_s"] = time.time() - t
-
-    t = time.time()
-    traces, fp, _ = load_run_traces(run)
-    resolved = resolve_methods(methods)
-    out = work / "results"
-    config = {"source": {"run": str(run), "fingerprint": fp}, "methods": resolved, "model_location": str(student)}
-    doc = score_and_write(traces, resolved, out, config)
-    metrics = doc["methods"]
+    res = api.run(evaluation[:n], evaluation[n:], out=out, model=model, methods=methods, gen=gen,
+                  reference_model=resolve_model(cfg["base"]).location, report=False, log=say)  # fmt: skip
+    times["passes_and_score_s"] = time.time() - t
+    traces, metrics, config = res.traces, res.metrics, res.config
+    fp = config["source"]["fingerprint"]
     labels = [t.label for t in traces]
     blind = blind_scores([t.question for t in traces], labels, seed=seed)
     metrics["blind"] = {
@@ -109,7 +100,7 @@ def student_experiment(
         "params": {"model": "tfidf+logreg, 5-fold out-of-fold"},
     }
     # Rewrite the outputs with the blind baseline beside the detectors (it is not a per-trace detector).
-    write_outputs(out, traces, {**doc["_raw"], "blind": blind}, metrics, {**config, "blind": "model-free text classifier"})
+    write_outputs(out, traces, {**res.raw, "blind": blind}, metrics, {**config, "blind": "model-free text classifier"})
     ablations = None
     if "tpd" in methods:
         from distill_detect.ablation import tpd_ablation, write_ablations
@@ -120,7 +111,6 @@ def student_experiment(
         from distill_detect.report import write_report
 
         say(f"report: {write_report(out, traces=traces)}")
-    times["score_s"] = time.time() - t
     return {
         "metrics": metrics,
         "ablations": ablations,

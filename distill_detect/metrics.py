@@ -92,12 +92,13 @@ def bootstrap_auc_ci(y_true, y_score, *, n_resamples: int = 1000, confidence: fl
     """Percentile bootstrap interval for the AUC, resampling members and non-members separately.
 
     Stratified resampling keeps both classes in every resample, so no resample is
-    degenerate. Returns (low, high); (nan, nan) when only one class is present.
+    degenerate. Returns (low, high); (nan, nan) when only one class is present or
+    ``n_resamples`` is 0 (no interval asked for).
     """
     from scipy.stats import rankdata
 
     y_true, y_score, ok = _check(y_true, y_score)
-    if not ok:
+    if not ok or n_resamples < 1:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     pos, neg = y_score[y_true == 1], y_score[y_true == 0]
@@ -128,7 +129,8 @@ def summarize(y_true, y_score, *, n_resamples: int = 1000, seed: int = 0) -> dic
             "auc_ci": list(bootstrap_auc_ci(y, y_score, n_resamples=n_resamples, seed=seed)),
             "tpr_at_1pct_fpr": tpr_at_fpr(y, y_score, fpr=0.01, reading="paper"),
             "tpr_at_1pct_fpr_strict": tpr_at_fpr(y, y_score, fpr=0.01, reading="strict"),
-            "tpr_at_5pct_fpr": tpr_at_fpr(y, y_score, fpr=0.05, reading="strict"),
+            "tpr_at_5pct_fpr": tpr_at_fpr(y, y_score, fpr=0.05, reading="paper"),
+            "tpr_at_5pct_fpr_strict": tpr_at_fpr(y, y_score, fpr=0.05, reading="strict"),
             "n_members": int((y == 1).sum()),
             "n_nonmembers": int((y == 0).sum()),
         }

@@ -25,8 +25,11 @@ pickled and never downloaded.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +37,29 @@ import numpy as np
 from distill_detect.errors import ConfigError, DistillDetectError, InputError
 from distill_detect.types import Question, Trace
 
-PASS_EXTRAS: dict[str, tuple[str, ...]] = {
-    "lowercase": ("lowercase_prompt_logprobs",),
-    "reference": ("reference_prompt_logprobs", "reference_output_logprobs"),
-    "dcpdd_freq": ("dcpdd_token_freq",),
-}
-"""Pass name -> the ``Trace.extra`` keys it produces."""
 
-EXTRA_PASS: dict[str, str] = {key: name for name, keys in PASS_EXTRAS.items() for key in keys}
-"""``Trace.extra`` key -> the pass that produces it."""
+@dataclass(frozen=True)
+class Pass:
+    """An extra model pass, registered like a detector: what it adds and which model it runs."""
+
+    name: str
+    produces: tuple[str, ...]
+    """The ``Trace.extra`` keys it adds."""
+    model: str
+    """'student' (the audited model again), 'reference' (the pre-distillation model) or 'tokenizer' (no forward)."""
+    fn: Callable
+    """fn(model_or_tokenizer, traces, batch_size) -> {trace_id: {key: array}}."""
+    summary: str
+
+
+PASSES: dict[str, Pass] = {}
+
+
+def register_pass(p: Pass) -> Pass:
+    if p.name in PASSES:
+        raise ValueError(f"pass {p.name!r} registered twice")
+    PASSES[p.name] = p
+    return p
 
 
 # -- which passes a run needs ---------------------------------------------------------------------
@@ -63,7 +80,7 @@ def required_extras(method_names: Iterable[str]) -> set[str]:
 
 
 def required_passes(method_names: Iterable[str]) -> set[str]:
-    """The passes (keys of ``PASS_EXTRAS``) to run before scoring these methods.
+    """The passes (names in ``PASSES``) to run before scoring these methods.
 
     >>> sorted(required_passes(["tpd", "loss", "lowercase", "dc_pdd"]))
     ['dcpdd_freq', 'lowercase']
@@ -71,7 +88,7 @@ def required_passes(method_names: Iterable[str]) -> set[str]:
     out = set()
     for key in required_extras(method_names):
         if key not in EXTRA_PASS:
-            raise ValueError(f"no pass produces Trace.extra[{key!r}]; add it to distill_detect.passes.PASS_EXTRAS")
+            raise ValueError(f"no pass produces Trace.extra[{key!r}]; register one with register_pass")
         out.add(EXTRA_PASS[key])
     return out
 
@@ -353,7 +370,7 @@ def dcpdd_freq_pass(traces: Iterable[Trace], freq_table: np.ndarray) -> dict[str
         if t.prompt_ids is None:
             raise DistillDetectError(
                 f"the dcpdd_freq pass needs the question's token ids, which trace {t.id!r} lacks: they are recorded "
-                "with the prompt log-probabilities (GenConfig.prompt_logprobs or Backend.score_prompts)"
+                "with the prompt log-probabilities: generate without --no-prompt-logprobs (the same command fills them in)"
             )
         ids = np.asarray(t.prompt_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= table.size):
@@ -363,3 +380,42 @@ def dcpdd_freq_pass(traces: Iterable[Trace], freq_table: np.ndarray) -> dict[str
             )
         out[t.id] = {"dcpdd_token_freq": table[ids].astype(np.float32)}
     return out
+
+
+def freq_table_for(tokenizer, texts: Sequence[str] | None = None) -> np.ndarray:
+    """DC-PDD's token-frequency table for ``tokenizer`` over ``texts`` (default: the bundled corpus).
+
+    Cached under the cache directory, keyed by the tokenizer's vocabulary AND the corpus
+    text, so a changed corpus never reuses old frequencies.
+    """
+    from distill_detect.models import cache_dir
+
+    texts = list(bundled_corpus_texts() if texts is None else texts)
+    if hasattr(tokenizer, "cache_key"):  # the llama.cpp backend's GGUF tokenizer
+        tok_key = tokenizer.cache_key()
+    else:
+        tok_key = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    corpus = hashlib.sha256()
+    for t in texts:
+        corpus.update(t.encode("utf-8") + b"\0")
+    path = cache_dir() / "token_freq" / f"{tok_key}-{corpus.hexdigest()[:16]}.npy"
+    if path.exists():
+        return load_token_freq_table(path, vocab_size=len(tokenizer))
+    table = build_token_freq_table(tokenizer, texts)
+    save_token_freq_table(path, table)
+    return table
+
+
+register_pass(Pass("lowercase", ("lowercase_prompt_logprobs",), "student", lowercase_pass,
+                   "the question lowercased, teacher-forced through the audited model"))  # fmt: skip
+register_pass(Pass("reference", ("reference_prompt_logprobs", "reference_output_logprobs"), "reference", reference_pass,
+                   "the question and the student's tokens under the pre-distillation model (--reference-model)"))  # fmt: skip
+register_pass(Pass("dcpdd_freq", ("dcpdd_token_freq",), "tokenizer",
+                   lambda tok, traces, batch_size: dcpdd_freq_pass(traces, freq_table_for(tok)),
+                   "corpus frequencies of the question tokens (DC-PDD), from the bundled corpus"))  # fmt: skip
+
+PASS_EXTRAS: dict[str, tuple[str, ...]] = {name: p.produces for name, p in PASSES.items()}
+"""Pass name -> the ``Trace.extra`` keys it produces."""
+
+EXTRA_PASS: dict[str, str] = {key: name for name, keys in PASS_EXTRAS.items() for key in keys}
+"""``Trace.extra`` key -> the pass that produces it."""

@@ -1,17 +1,21 @@
-"""The jobs behind the CLI, as library calls: generate into a run, score a run, run end to end."""
+"""The one pipeline behind every command: generate into a run, run the extra passes, read the
+traces at one token budget, score. ``distill_detect.api`` strings these steps together for
+``run``, ``score`` and ``audit``; the demo and the benchmarks call the same functions.
+
+Each step is resumable (the store keeps every finished batch and pass) and refuses what
+cannot be right before any model time is spent: another model on a finished run, a method
+that the decoding settings cannot feed, traces cut short by an older, lower cap.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import numpy as np
-
-from distill_detect.errors import DistillDetectError
-from distill_detect.store import TraceStore
-from distill_detect.types import Question
+from distill_detect.errors import ConfigError, DistillDetectError
+from distill_detect.store import TraceStore, fingerprint_diff
+from distill_detect.types import Question, Trace
 
 
 def _progress(total: int, desc: str, unit: str = "q"):
@@ -21,6 +25,53 @@ def _progress(total: int, desc: str, unit: str = "q"):
     return tqdm(total=total, desc=desc, unit=unit, disable=None, dynamic_ncols=True, file=sys.stderr)
 
 
+# -- checks made before any model time ------------------------------------------------------------
+
+PROMPT_NEEDS = frozenset({"prompt_logprobs", "prompt_stats", "extra:dcpdd_token_freq"})
+"""Needs that only generation with prompt log-probabilities records."""
+
+
+def check_decoding_feeds(methods: Sequence[str], prompt_logprobs: bool) -> None:
+    """Refuse methods that read question-token log-probabilities when they are switched off."""
+    from distill_detect.detectors import get
+
+    if prompt_logprobs:
+        return
+    bad = [m for m in methods if get(m).needs & PROMPT_NEEDS]
+    if bad:
+        raise ConfigError(
+            f"--methods {','.join(bad)} read the question tokens' log-probabilities, which --no-prompt-logprobs switches off; "
+            "drop --no-prompt-logprobs, or choose methods that read generated tokens only (tpd, out_ppl, out_min_k, out_max_prob)"
+        )
+
+
+def check_identity(store: TraceStore, identity: dict | None) -> None:
+    """Refuse a run made with another model/backend/system prompt, comparing only what ``identity`` knows."""
+    old = store.get_meta("fingerprint")
+    if not identity or old is None:
+        return
+    diff = [d for d in fingerprint_diff(_subset(old, identity), identity)]
+    if diff:
+        raise ConfigError(
+            f"{store.dir} holds traces made with different settings ({'; '.join(diff)}). "
+            "Use another --out for the new settings, or repeat the original ones to resume"
+        )
+
+
+def _subset(old: dict, new: dict) -> dict:
+    """``old`` restricted to the keys of ``new`` (recursively): a hub id's stored revision is not compared."""
+    out = {}
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            out[k] = _subset(old[k], v)
+        else:
+            out[k] = old.get(k)
+    return out
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
 def generate_run(
     questions: Sequence[Question],
     run_dir,
@@ -28,64 +79,79 @@ def generate_run(
     *,
     max_new_tokens: int,
     batch_size: int = 8,
-    fingerprint: dict | None = None,
+    identity: dict | None = None,
+    fill_prompts: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Generate every question of ``questions`` into ``run_dir`` that lacks a complete trace.
 
-    ``backend_factory`` is called only when there is work left, so a finished run
-    resumes without loading the model. ``fingerprint`` may be given to check the run
-    before loading; otherwise the backend's own is used. Batches are formed from
-    questions of similar length (less padding) and committed one at a time.
-    Returns counts: planned, generated now, already done, tokens generated now, seconds.
+    ``identity`` (``ModelSettings.identity``) is checked against the run FIRST, so a finished
+    run refuses another model instead of reporting its traces as done. ``backend_factory``
+    is called only when there is work left. With ``fill_prompts``, stored traces generated
+    without prompt log-probabilities get them from a teacher-forced pass. Batches are formed
+    from questions of similar length and committed one at a time. Returns counts: planned,
+    generated now, already done, tokens generated now, prompts filled in, seconds.
     """
     t0 = time.time()
     store = TraceStore(run_dir, create=True)
     try:
         store.check_questions(questions)
-        if fingerprint is not None and store.get_meta("fingerprint") is not None:
-            store.bind(fingerprint)
+        check_identity(store, identity)
         complete = store.complete_ids(max_new_tokens)
         todo = [q for q in questions if q.id not in complete]
-        done_before = len(questions) - len(todo)
-        summary = {"planned": len(questions), "generated": 0, "already_done": done_before, "tokens": 0}
-        if not todo:
+        no_prompt = store.missing_prompt_ids() & {q.id for q in questions} - {q.id for q in todo} if fill_prompts else set()
+        summary = {"planned": len(questions), "generated": 0, "already_done": len(questions) - len(todo), "tokens": 0}
+        summary["prompts_filled"] = 0
+        if not todo and not no_prompt:
             summary["seconds"] = time.time() - t0
             return summary
-        if log and done_before:
-            log(f"resuming {store.dir}: {done_before} of {len(questions)} questions already generated")
+        if log and summary["already_done"] and todo:
+            log(f"resuming {store.dir}: {summary['already_done']} of {len(questions)} questions already generated")
         backend = backend_factory()
         with store.writer(backend.fingerprint()):
             store.add_questions(questions)
             # Where the model came from (not part of the fingerprint): lets later passes reload it.
             store.set_meta("model", {"backend": getattr(backend, "name", None), "location": getattr(backend, "location", None)})
-            # Similar lengths together: left padding costs compute on every decoding step.
-            todo = sorted(todo, key=lambda q: len(q.text))
-            bar = _progress(len(todo), "generating")
-            try:
-                for i in range(0, len(todo), batch_size):
-                    batch = todo[i : i + batch_size]
-                    try:
-                        traces = backend.generate(batch, max_new_tokens=max_new_tokens)
-                    except Exception as exc:
-                        if not is_out_of_memory(exc):
-                            raise
-                        raise out_of_memory_error(summary, store.dir, len(batch), max_new_tokens) from None
-                    store.put_traces(traces)
-                    summary["generated"] += len(batch)
-                    summary["tokens"] += sum(t.num_tokens for t in traces)
-                    bar.update(len(batch))
-                    bar.set_postfix(tok_s=f"{summary['tokens'] / max(bar.format_dict['elapsed'], 1e-9):.1f}")
-            except KeyboardInterrupt:
-                # Count from the store: a Ctrl-C just after a commit must not under-report that batch.
-                summary["generated"] = len(store.complete_ids(max_new_tokens) & {q.id for q in todo})
-                raise GenerationInterrupted(summary, store.dir) from None
-            finally:
-                bar.close()
+            _decode(backend, store, sorted(todo, key=lambda q: len(q.text)), max_new_tokens, batch_size, summary)
+            if no_prompt and "prompt_logprobs" in getattr(backend, "capabilities", ()):
+                if log:
+                    log(f"filling in the prompt log-probabilities of {len(no_prompt)} traces generated without them")
+                _fill_prompts(backend, store, [q for q in questions if q.id in no_prompt], batch_size, summary)
         summary["seconds"] = time.time() - t0
         return summary
     finally:
         store.close()
+
+
+def _decode(backend, store: TraceStore, todo: list[Question], max_new_tokens: int, batch_size: int, summary: dict) -> None:
+    bar = _progress(len(todo), "generating")
+    try:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            try:
+                traces = backend.generate(batch, max_new_tokens=max_new_tokens)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                raise out_of_memory_error(summary, store.dir, len(batch), max_new_tokens) from None
+            store.put_traces(traces)
+            summary["generated"] += len(batch)
+            summary["tokens"] += sum(t.num_tokens for t in traces)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{summary['tokens'] / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+    except KeyboardInterrupt:
+        # Count from the store: a Ctrl-C just after a commit must not under-report that batch.
+        summary["generated"] = len(store.complete_ids(max_new_tokens) & {q.id for q in todo})
+        raise GenerationInterrupted(summary, store.dir) from None
+    finally:
+        bar.close()
+
+
+def _fill_prompts(backend, store: TraceStore, questions: list[Question], batch_size: int, summary: dict) -> None:
+    for i in range(0, len(questions), batch_size):
+        batch = questions[i : i + batch_size]
+        store.put_prompt_fields({q.id: f for q, f in zip(batch, backend.score_prompts(batch))})
+        summary["prompts_filled"] += len(batch)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -114,10 +180,166 @@ class GenerationInterrupted(KeyboardInterrupt):
         )
 
 
-def load_run_traces(run_dir, *, max_new_tokens: int | None = None):
-    """(traces, fingerprint, counts) of a run; traces in input order."""
+def generate(questions: Sequence[Question], run_dir, settings, gen, *, methods: Sequence[str] = (), log=None) -> dict:
+    """Generate ``questions`` into ``run_dir`` with ``settings`` (``ModelSettings``) and ``gen`` (``GenConfig``):
+    in this process, on Ray actors (``settings.workers``) or for one shard (``settings.shard``)."""
+    from distill_detect.distributed import generate_run_ray, parse_shard, shard_questions
+
+    check_decoding_feeds(methods, gen.prompt_logprobs)
+    factory = settings.factory(gen, methods)
+    if settings.shard:
+        i, n = parse_shard(settings.shard)
+        before, questions = len(questions), shard_questions(questions, i, n)
+        if log:
+            log(f"shard {i}/{n}: {len(questions)} of {before} questions")
+    identity = settings.identity(gen)
+    if not settings.workers:
+        return generate_run(questions, run_dir, factory, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                            identity=identity, fill_prompts=gen.prompt_logprobs, log=log)  # fmt: skip
+    gpus = (
+        float(settings.tensor_parallel_size or 1)
+        if settings.backend == "vllm"
+        else float(str(settings.device).startswith("cuda"))
+    )
+    with TraceStore(run_dir, create=True) as store:
+        check_identity(store, identity)
+    return generate_run_ray(questions, run_dir, factory, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                            workers=settings.workers, address=settings.ray_address, num_gpus=gpus, log=log)  # fmt: skip
+
+
+# -- extra passes ------------------------------------------------------------------------------------
+
+
+def run_passes(
+    run_dir,
+    methods: Sequence[str],
+    *,
+    student_factory: Callable[[], object],
+    reference_factory: Callable[[], object] | None = None,
+    reference_identity: dict | None = None,
+    batch_size: int = 8,
+    ids: set[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the extra passes (``passes.PASSES``) that ``methods`` need over the stored traces that lack them.
+
+    Results go into the run's store keyed by a fingerprint of the pass, so a second scoring
+    costs no model time and an interrupted pass resumes. Returns {pass name: traces processed now}.
+    """
+    from distill_detect.passes import PASSES, required_passes
+
+    done: dict[str, int] = {}
+    needed = sorted(required_passes(methods))
+    if not needed:
+        return done
+    student = None
     with TraceStore(run_dir) as store:
-        return list(store.traces(complete_for=max_new_tokens)), store.get_meta("fingerprint"), store.counts()
+        run_fp = store.get_meta("fingerprint")
+        for name in needed:
+            p = PASSES[name]
+            if p.model == "reference" and reference_factory is None:
+                raise ConfigError(
+                    "methods 'reference' and 'tpd_ref' need --reference-model: the model before distillation (the student's base)"
+                )
+            pass_fp = {"pass": name, "student": run_fp, **({"reference": reference_identity} if p.model == "reference" else {})}
+            todo_ids = store.extras_missing(p.produces, pass_fp)
+            todo_ids = todo_ids & ids if ids is not None else todo_ids
+            if not todo_ids:
+                continue
+            traces = [t for t in store.traces() if t.id in todo_ids]
+            if log:
+                log(f"{name} pass over {len(traces)} traces")
+            if p.model == "reference":
+                ref = reference_factory()
+                try:
+                    res = p.fn(ref, traces, batch_size)
+                finally:
+                    ref.close()
+            else:
+                student = student or student_factory()
+                res = p.fn(student.tok if p.model == "tokenizer" else student, traces, batch_size)
+            with store.writer(run_fp):
+                store.put_extras(res, pass_fp)
+            done[name] = len(traces)
+    return done
+
+
+# -- reading traces at one budget --------------------------------------------------------------------
+
+
+def read_run(run_dir, ids: set[str] | None = None) -> tuple[list[Trace], dict | None, dict]:
+    """(traces, fingerprint, counts) of a run, read once; traces in input order (only ``ids`` if given)."""
+    with TraceStore(run_dir) as store:
+        traces = [t for t in store.traces() if ids is None or t.id in ids]
+        return traces, store.get_meta("fingerprint"), store.counts()
+
+
+def read_budget(methods: dict[str, dict], max_new_tokens: int) -> int | None:
+    """The generated tokens these methods read (None when none reads generated tokens)."""
+    from distill_detect.detectors import get
+    from distill_detect.scoring import generation_budget
+
+    if not any(n.startswith("output") or n == "extra:reference_output_logprobs" for m in methods for n in get(m).needs):
+        return None
+    return generation_budget(methods, max_new_tokens)
+
+
+def common_budget(traces: Sequence[Trace]) -> int | None:
+    """The largest budget at which every trace is complete: the lowest cap a trace was cut at (None: none was cut)."""
+    caps = [t.max_new_tokens for t in traces if t.finish_reason != "stop" and t.max_new_tokens is not None]
+    return min(caps) if caps else None
+
+
+def at_budget(traces: Sequence[Trace], budget: int | None, *, where) -> list[Trace]:
+    """Every trace read at ``budget`` tokens, so no question is compared on more tokens than another.
+
+    Refuses, naming them, traces cut by an older, lower cap: they cannot be read at ``budget``.
+    """
+    if budget is None:
+        return list(traces)
+    short = [t for t in traces if t.finish_reason != "stop" and t.max_new_tokens is not None and t.max_new_tokens < budget]
+    if short:
+        lo = min(t.max_new_tokens for t in short)
+        names = ", ".join(repr(t.id) for t in short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+        raise ConfigError(
+            f"{where}: {len(short)} of {len(traces)} traces were cut at {lo} tokens by an older, lower --max-new-tokens "
+            f"({names}), so they cannot be read at {budget} tokens like the others. Generate them again at {budget} "
+            f"(give --model), or read every trace at {lo} with --max-new-tokens {lo}"
+        )
+    return [t.at_budget(budget) for t in traces]
+
+
+def at_common_budget(traces: Sequence[Trace], methods: dict[str, dict], max_new_tokens: int | None, *, where, log=None):
+    """``at_budget`` for scoring stored traces: at the methods' budget under ``max_new_tokens`` when it is
+    given; otherwise at the lowest cap any trace was cut at, when traces of different caps would
+    otherwise be compared (said in a warning). Returns (traces, budget)."""
+    import warnings
+
+    need = read_budget(methods, max_new_tokens or 10**9)
+    if max_new_tokens is not None or need is None:
+        return at_budget(traces, need, where=where), need
+    common = common_budget(traces)
+    if common is not None and common < need:
+        if any(t.num_tokens > common for t in traces):
+            caps = sorted({t.max_new_tokens for t in traces if t.max_new_tokens})
+            warnings.warn(
+                f"{where}: traces were decoded to different caps ({', '.join(map(str, caps))} tokens); every trace is read at "
+                f"their common budget of {common} tokens (give --max-new-tokens to choose another)",
+                stacklevel=2,
+            )
+        need = common
+    return at_budget(traces, need, where=where), need
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+
+
+def check_trace_needs(traces: Sequence[Trace], methods: dict[str, dict]) -> None:
+    """Fail before scoring when a method needs something the traces lack (names the field and its source)."""
+    from distill_detect.detectors import check_needs
+
+    for name in methods:
+        check_needs(name, traces)
 
 
 def score_and_write(traces, methods: dict[str, dict], out_dir, config: dict, *, n_resamples: int = 1000) -> dict:
@@ -132,91 +354,4 @@ def score_and_write(traces, methods: dict[str, dict], out_dir, config: dict, *, 
     return doc
 
 
-def summarize_missing(expected: int, got: int, run_dir) -> str | None:
-    if got < expected:
-        return f"{expected - got} of {expected} questions in {Path(run_dir)} have no complete trace yet; run 'generate' again to finish"
-    return None
-
-
-def _freq_table_for(tokenizer) -> np.ndarray:
-    """DC-PDD's token-frequency table over the bundled corpus, cached per tokenizer."""
-    import hashlib
-    import json as _json
-
-    from distill_detect.models import cache_dir
-    from distill_detect.passes import build_token_freq_table, bundled_corpus_texts, load_token_freq_table, save_token_freq_table
-
-    if hasattr(tokenizer, "cache_key"):  # the llama.cpp backend's GGUF tokenizer
-        key = tokenizer.cache_key()
-    else:
-        vocab = tokenizer.get_vocab()
-        key = hashlib.sha256(_json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
-    path = cache_dir() / "token_freq" / f"bundled-{key}.npy"
-    if path.exists():
-        return load_token_freq_table(path, vocab_size=len(tokenizer))
-    table = build_token_freq_table(tokenizer, bundled_corpus_texts())
-    save_token_freq_table(path, table)
-    return table
-
-
-def run_passes(
-    run_dir,
-    methods: Sequence[str],
-    *,
-    student_factory: Callable[[], object],
-    reference_factory: Callable[[], object] | None = None,
-    reference_identity: dict | None = None,
-    batch_size: int = 8,
-    ids: set[str] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Run the extra passes that ``methods`` need over the stored traces that lack them.
-
-    Results go into the run's store (``extras``), keyed by a fingerprint of the pass, so a
-    second scoring with the same methods costs no model time and an interrupted pass
-    resumes where it stopped. Returns {pass name: traces processed now}.
-    """
-    from distill_detect.errors import ConfigError
-    from distill_detect.passes import PASS_EXTRAS, dcpdd_freq_pass, lowercase_pass, reference_pass, required_passes
-
-    needed = required_passes(methods)
-    done: dict[str, int] = {}
-    if not needed:
-        return done
-    store = TraceStore(run_dir)
-    try:
-        run_fp = store.get_meta("fingerprint")
-        student = None
-        for name in sorted(needed):
-            if name == "reference":
-                if reference_factory is None:
-                    raise ConfigError(
-                        "methods 'reference' and 'tpd_ref' need --reference-model: the model before distillation (the student's base)"
-                    )
-                pass_fp = {"pass": name, "student": run_fp, "reference": reference_identity}
-            else:
-                pass_fp = {"pass": name, "student": run_fp}
-            todo_ids = store.extras_missing(PASS_EXTRAS[name], pass_fp)
-            if ids is not None:
-                todo_ids &= ids
-            if not todo_ids:
-                continue
-            traces = [t for t in store.traces() if t.id in todo_ids]
-            if log:
-                log(f"{name} pass over {len(traces)} traces")
-            if name == "lowercase":
-                student = student or student_factory()
-                res = lowercase_pass(student, traces, batch_size)
-            elif name == "reference":
-                ref = reference_factory()
-                res = reference_pass(ref, traces, batch_size)
-                ref.close()
-            else:
-                student = student or student_factory()
-                res = dcpdd_freq_pass(traces, _freq_table_for(student.tok))
-            with store.writer(run_fp):
-                store.put_extras(res, pass_fp)
-            done[name] = len(traces)
-        return done
-    finally:
-        store.close()
+load_run_traces = read_run  # the name the report module and older scripts use

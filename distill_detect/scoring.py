@@ -7,7 +7,7 @@ scores into the metrics block (orienting each method once, via
 * ``DIR/scores.jsonl``: one line per question: ``id``, ``label`` (if known), one key per
   method with its raw score in the method's own sign (TPD as in the paper: lower = member).
 * ``DIR/metrics.json`` (when labels exist): ``{"methods": {name: {auc, auc_ci,
-  tpr_at_1pct_fpr, tpr_at_1pct_fpr_strict, tpr_at_5pct_fpr, n_members, n_nonmembers,
+  tpr_at_1pct_fpr, tpr_at_1pct_fpr_strict, tpr_at_5pct_fpr, tpr_at_5pct_fpr_strict, n_members, n_nonmembers,
   higher_is_member, params}}, "config": {...}}``.
 """
 
@@ -149,7 +149,10 @@ def _fmt(x: float, pct: bool = False) -> str:
 
 def format_table(metrics: dict) -> str:
     """A fixed-width table of the metrics, one row per method, best AUC first."""
-    head = f"{'method':<12} {'AUC':>6} {'95% CI':>13} {'TPR@1%FPR':>10} {'(strict)':>9} {'TPR@5%FPR':>10} {'members':>8} {'non-mem':>8}"
+    head = (
+        f"{'method':<12} {'AUC':>6} {'95% CI':>13} {'TPR@1%FPR':>10} {'(strict)':>9} {'TPR@5%FPR':>10} {'(strict)':>9} "
+        f"{'members':>8} {'non-mem':>8}"
+    )
     lines = [head, "-" * len(head)]
     order = sorted(metrics, key=lambda k: -np.nan_to_num(metrics[k]["auc"], nan=-1))
     for name in order:
@@ -158,7 +161,14 @@ def format_table(metrics: dict) -> str:
         ci = "nan" if np.isnan(lo) else f"[{lo:.3f},{hi:.3f}]"
         lines.append(
             f"{name:<12} {_fmt(m['auc']):>6} {ci:>13} {_fmt(m['tpr_at_1pct_fpr'], True):>10} "
-            f"{_fmt(m['tpr_at_1pct_fpr_strict'], True):>9} {_fmt(m['tpr_at_5pct_fpr'], True):>10} {m['n_members']:>8} {m['n_nonmembers']:>8}"
+            f"{_fmt(m['tpr_at_1pct_fpr_strict'], True):>9} {_fmt(m['tpr_at_5pct_fpr'], True):>10} "
+            f"{_fmt(m.get('tpr_at_5pct_fpr_strict', float('nan')), True):>9} {m['n_members']:>8} {m['n_nonmembers']:>8}"
         )
-    lines.append("TPR@1%FPR: the paper's reading (first ROC point with FPR >= 1%); (strict): largest TPR with FPR <= 1%.")
+    lines.append("TPR@x%FPR: the paper's reading (first ROC point with FPR >= x%); (strict): the largest TPR with FPR <= x%.")
+    few = min((m["n_nonmembers"] for m in metrics.values()), default=100)
+    if few < 100:
+        lines.append(
+            f"warning: TPR at 1% FPR from {few} non-members: under 100, its FPR threshold is set by one or two questions "
+            "and the number means little (read the AUC and its interval)"
+        )
     return "\n".join(lines)

@@ -37,21 +37,17 @@ from pathlib import Path
 import numpy as np
 
 from distill_detect.errors import ConfigError, DistillDetectError
-from distill_detect.types import Question, Trace
+from distill_detect.types import TRACE_ARRAYS, Question, Trace
 
 SCHEMA = 1
 DB_NAME = "traces.sqlite"
 
-_ARRAYS = {
-    "output_ids": np.int32,
-    "output_logprobs": np.float32,
-    "output_mean_logp": np.float32,
-    "output_std_logp": np.float32,
-    "prompt_ids": np.int32,
-    "prompt_logprobs": np.float32,
-    "prompt_mean_logp": np.float32,
-    "prompt_std_logp": np.float32,
-}
+_ARRAYS = {name: dtype.type for name, dtype in TRACE_ARRAYS.items()}
+"""One BLOB column per trace array (little-endian), from the trace schema in ``types.py``."""
+_SCALARS = ("finish_reason", "max_new_tokens", "num_tokens", "output_text")
+"""The trace columns that are not arrays (besides ``id`` and ``created``)."""
+TRACE_COLUMNS: tuple[str, ...] = (*_SCALARS, *_ARRAYS)
+"""The columns of one stored trace, in the order ``trace_rows``/``put_trace_rows`` use."""
 
 _DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -102,9 +98,15 @@ class RunLocked(DistillDetectError):
 class TraceStore:
     """Read and write the traces of one run directory."""
 
-    def __init__(self, run_dir, *, create: bool = False):
+    def __init__(self, run_dir, *, create: bool = False, readonly: bool = False):
         self.dir = Path(run_dir)
         self.path = self.dir / DB_NAME
+        self._lock_fh = None
+        if readonly:  # another process's run, e.g. a merge source: never written, never locked
+            if not self.path.exists():
+                raise DistillDetectError(f"{self.dir}: not a run directory (no {DB_NAME})")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            return
         if not self.path.exists():
             if not create:
                 raise DistillDetectError(
@@ -276,10 +278,42 @@ class TraceStore:
             rows.append(
                 (t.id, t.finish_reason, int(t.max_new_tokens or t.num_tokens), t.num_tokens, t.output_text, time.time(), *blobs)
             )
-        cols = "id, finish_reason, max_new_tokens, num_tokens, output_text, created, " + ", ".join(_ARRAYS)
-        marks = ", ".join("?" * (6 + len(_ARRAYS)))
+        cols = ", ".join(("id", *_SCALARS, "created", *_ARRAYS))
+        marks = ", ".join("?" * (2 + len(_SCALARS) + len(_ARRAYS)))
         with self._tx():
             self.db.executemany(f"INSERT OR REPLACE INTO traces ({cols}) VALUES ({marks})", rows)
+
+    def missing_prompt_ids(self) -> set[str]:
+        """Ids of stored traces without prompt log-probabilities (generated with them switched off)."""
+        return {r[0] for r in self.db.execute("SELECT id FROM traces WHERE prompt_logprobs IS NULL")}
+
+    def put_prompt_fields(self, fields: dict[str, dict[str, np.ndarray]]) -> None:
+        """Fill in the prompt arrays of stored traces: {question_id: {prompt_ids, prompt_logprobs, ...}}."""
+        names = [k for k in _ARRAYS if k.startswith("prompt_")]
+        rows = [(*[_blob(f.get(k), _ARRAYS[k]) for k in names], qid) for qid, f in fields.items()]
+        with self._tx():
+            self.db.executemany(f"UPDATE traces SET {', '.join(f'{k} = ?' for k in names)} WHERE id = ?", rows)
+
+    def trace_rows(self) -> Iterator[tuple]:
+        """Every stored trace as ``(id, *TRACE_COLUMNS)`` raw column values (for ``merge``: compared and copied as bytes)."""
+        yield from self.db.execute(f"SELECT id, {', '.join(TRACE_COLUMNS)} FROM traces")
+
+    def extra_rows(self) -> Iterator[tuple]:
+        """Every stored extra array as ``(id, name, pass_fp, dtype, data)``."""
+        yield from self.db.execute("SELECT id, name, pass_fp, dtype, data FROM extras")
+
+    def put_trace_rows(self, traces: Iterable[tuple], extras: Iterable[tuple] = ()) -> None:
+        """Store raw rows from ``trace_rows``/``extra_rows`` of another run, in one transaction."""
+        now = time.time()
+        cols = ", ".join(TRACE_COLUMNS)
+        with self._tx():
+            self.db.executemany(
+                f"INSERT OR REPLACE INTO traces (id, {cols}, created) VALUES ({', '.join('?' * (len(TRACE_COLUMNS) + 2))})",
+                [(*row, now) for row in traces],
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO extras (id, name, pass_fp, dtype, data) VALUES (?, ?, ?, ?, ?)", list(extras)
+            )
 
     def put_extras(self, name_arrays: dict[str, dict[str, np.ndarray]], pass_fp: dict) -> None:
         """Store per-question arrays from a later pass: {question_id: {name: array}}."""

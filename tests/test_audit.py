@@ -232,7 +232,7 @@ def test_audit_contaminated_verdict_and_dict():
     bench = np.r_[rng.normal(6, 1, 50), rng.normal(0, 1, 150)]
     ref = rng.normal(size=400)
     ids = [f"q{i}" for i in range(200)]
-    r = audit(ids, bench, ref, n_boot=300)
+    r = audit(ids, bench, ref, n_boot=300, higher_is_member=True)
     assert r.contaminated and r.verdict().startswith("contaminated: ")
     assert VERDICT.match(r.verdict()), r.verdict()
     assert 0.15 <= r.fraction.estimate <= 0.35 and r.fraction.ci_low <= 0.25 <= r.fraction.ci_high
@@ -246,7 +246,7 @@ def test_audit_contaminated_verdict_and_dict():
 
 def test_audit_null_verdict():
     rng = np.random.default_rng(10)
-    r = audit([str(i) for i in range(100)], rng.normal(size=100), rng.normal(size=100), n_boot=200)
+    r = audit([str(i) for i in range(100)], rng.normal(size=100), rng.normal(size=100), n_boot=200, higher_is_member=True)
     assert not r.contaminated and r.dataset.pvalue >= r.alpha
     assert r.verdict().startswith("no evidence of contamination: ") and VERDICT.match(r.verdict())
     assert r.verdict().endswith(f"p = {r.dataset.pvalue:.2g}")
@@ -254,23 +254,23 @@ def test_audit_null_verdict():
 
 def test_audit_does_not_freeze_callers_array_and_validates():
     bench = np.array([1.0, 2.0, 3.0])
-    audit(["a", "b", "c"], bench, [0.0, 1.0], n_boot=0)
+    audit(["a", "b", "c"], bench, [0.0, 1.0], n_boot=0, higher_is_member=True)
     bench[0] = 5.0  # still writable
     with pytest.raises(ValueError, match="3 ids but 2 scores"):
-        audit(["a", "b", "c"], [1.0, 2.0], [0.0])
+        audit(["a", "b", "c"], [1.0, 2.0], [0.0], higher_is_member=True)
     with pytest.raises(ValueError, match="not unique"):
-        audit(["a", "a"], [1.0, 2.0], [0.0])
+        audit(["a", "a"], [1.0, 2.0], [0.0], higher_is_member=True)
     with pytest.raises(ValueError, match="non-finite"):
-        audit(["a", "b"], [1.0, float("nan")], [0.0])
+        audit(["a", "b"], [1.0, float("nan")], [0.0], higher_is_member=True)
     with pytest.raises(ConfigError, match="fdr"):
-        audit(["a"], [1.0], [0.0], fdr=5)
+        audit(["a"], [1.0], [0.0], fdr=5, higher_is_member=True)
 
 
 @settings(max_examples=50, deadline=None)
 @given(n=st.integers(2, 60), m=st.integers(2, 60), shift=st.floats(0, 5), seed=st.integers(0, 10_000))
 def test_bh_flags_nothing_or_at_least_min_flaggable(n, m, shift, seed):
     rng = np.random.default_rng(seed)
-    r = audit([str(i) for i in range(n)], rng.normal(shift, 1, n), rng.normal(size=m), n_boot=0)
+    r = audit([str(i) for i in range(n)], rng.normal(shift, 1, n), rng.normal(size=m), n_boot=0, higher_is_member=True)
     assert r.n_flagged == 0 or r.n_flagged >= r.min_flaggable
 
 

@@ -95,13 +95,13 @@ def test_run_then_rescore_with_other_params_without_model(tmp_path, qfiles, tiny
         )
         == 0
     )
-    from distill_detect.detectors.tpd import tpd_score
-    from distill_detect.pipeline import load_run_traces
+    from distill_detect.detectors.tpd import tpd_deviation
+    from distill_detect.pipeline import read_run
 
-    traces, _, _ = load_run_traces(out / "run")
+    traces, _, _ = read_run(out / "run")
     rows2 = {json.loads(x)["id"]: json.loads(x)["tpd"] for x in (out2 / "scores.jsonl").read_text().splitlines()}
     for t in traces:
-        assert rows2[t.id] == pytest.approx(tpd_score(t.output_logprobs, alpha=1.0, max_tokens=5))
+        assert rows2[t.id] == pytest.approx(tpd_deviation(t.output_logprobs, alpha=1.0, max_tokens=5))
 
     # export -> score --traces gives the same scores as score --run.
     assert main(["export", str(out / "run"), "--out", str(tmp_path / "t.jsonl")]) == 0
@@ -133,9 +133,9 @@ def test_generate_budget_and_label(tmp_path, qfiles, tiny_dir):
         )
         == 0
     )
-    from distill_detect.pipeline import load_run_traces
+    from distill_detect.pipeline import read_run
 
-    traces, _, _ = load_run_traces(tmp_path / "r")
+    traces, _, _ = read_run(tmp_path / "r")
     assert len(traces) == 5 and all(t.num_tokens <= 7 and t.label == 1 for t in traces)
 
 

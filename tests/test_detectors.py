@@ -18,7 +18,7 @@ from distill_detect.detectors import REGISTRY, check_needs, get
 from distill_detect.detectors.checks import NEED_FIELDS, lowest_k_mean
 from distill_detect.detectors.dc_pdd import dc_pdd_score
 from distill_detect.detectors.min_k import standardized_logprobs
-from distill_detect.detectors.tpd import tpd_score
+from distill_detect.detectors.tpd import tpd_deviation
 from distill_detect.errors import ConfigError, DistillDetectError
 from distill_detect.metrics import membership_score
 from distill_detect.types import Trace
@@ -232,7 +232,7 @@ def test_min_k_between_min_and_mean(lp, k):
     st.integers(min_value=1, max_value=80),
 )
 def test_tpd_bounds(lp, tau, alpha, m):
-    v = tpd_score(lp, tau=tau, alpha=alpha, max_tokens=m)
+    v = tpd_deviation(lp, tau=tau, alpha=alpha, max_tokens=m)
     assert 0.0 <= v <= tau**alpha + 1e-12
 
 
@@ -241,14 +241,14 @@ def test_tpd_bounds(lp, tau, alpha, m):
 def test_tpd_ignores_tokens_past_m(head, tail, m):
     a = np.r_[head, tail]
     b = np.r_[head, np.zeros(len(tail))]
-    assert tpd_score(a, max_tokens=len(head)) == tpd_score(b, max_tokens=len(head))
-    assert tpd_score(a, max_tokens=m) == tpd_score(a[:m], max_tokens=m)
+    assert tpd_deviation(a, max_tokens=len(head)) == tpd_deviation(b, max_tokens=len(head))
+    assert tpd_deviation(a, max_tokens=m) == tpd_deviation(a[:m], max_tokens=m)
 
 
 @RELAXED
 @given(st.integers(min_value=0, max_value=50), st.floats(0.05, 1.0), st.floats(0.05, 3.0))
 def test_tpd_zero_when_certain(n, tau, alpha):
-    assert tpd_score(np.zeros(n), tau=tau, alpha=alpha) == 0.0
+    assert tpd_deviation(np.zeros(n), tau=tau, alpha=alpha) == 0.0
 
 
 @RELAXED
@@ -260,7 +260,7 @@ def test_tpd_ref_properties(p, r):
     assert get("tpd_ref")(same) == 0.0
     v = get("tpd_ref")(out_trace(p, extra={"reference_output_logprobs": r}))
     assert -1.0 <= v <= 1.0  # tau ** alpha = 1
-    assert v == pytest.approx(tpd_score(p) - tpd_score(r))
+    assert v == pytest.approx(tpd_deviation(p) - tpd_deviation(r))
 
 
 @RELAXED
@@ -378,13 +378,13 @@ def test_missing_message_says_what_produces_it():
     t = replace(full_trace(), prompt_logprobs=None)
     with pytest.raises(DistillDetectError, match="API backends") as exc:
         get("loss")(t)
-    assert "score_prompts" in str(exc.value)
+    assert "--no-prompt-logprobs" in str(exc.value)  # the command-line remedy, not internal Python
     t2 = replace(full_trace(), extra={})
-    with pytest.raises(DistillDetectError, match="reference_pass"):
+    with pytest.raises(DistillDetectError, match="--reference-model"):
         get("tpd_ref")(t2)
-    with pytest.raises(DistillDetectError, match="lowercase_pass"):
+    with pytest.raises(DistillDetectError, match="lowercased question"):
         get("lowercase")(t2)
-    with pytest.raises(DistillDetectError, match="dcpdd_freq_pass"):
+    with pytest.raises(DistillDetectError, match="--methods dc_pdd"):
         get("dc_pdd")(t2)
 
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from distill_detect.data import load_questions
-from distill_detect.detectors.tpd import check_tpd_params, tpd_score
+from distill_detect.detectors.tpd import check_tpd_params, tpd_deviation
 from distill_detect.errors import ConfigError, InputError
 from distill_detect.metrics import bootstrap_auc_ci, roc_auc, summarize, tpr_at_fpr
 from distill_detect.store import TraceStore
@@ -233,7 +233,9 @@ def tpd_loop(logprobs, tau, alpha, m):
 @FAST
 @given(LOGPROBS, TAU, ALPHA, st.integers(1, 80))
 def test_tpd_equals_the_formula_token_by_token(lp, tau, alpha, m):
-    assert tpd_score(lp, tau=tau, alpha=alpha, max_tokens=m) == pytest.approx(tpd_loop(lp, tau, alpha, m), rel=1e-9, abs=1e-12)
+    assert tpd_deviation(lp, tau=tau, alpha=alpha, max_tokens=m) == pytest.approx(
+        tpd_loop(lp, tau, alpha, m), rel=1e-9, abs=1e-12
+    )
 
 
 @FAST
@@ -241,19 +243,19 @@ def test_tpd_equals_the_formula_token_by_token(lp, tau, alpha, m):
 def test_tpd_ignores_order_and_certain_tokens(lp, alpha, extra, rnd):
     """With tau = 1, tokens of probability 1 are never kept; within the budget the order does not matter."""
     m = len(lp) + extra
-    base = tpd_score(lp, alpha=alpha, max_tokens=max(m, 1))
+    base = tpd_deviation(lp, alpha=alpha, max_tokens=max(m, 1))
     shuffled = list(lp)
     rnd.shuffle(shuffled)
-    assert tpd_score(shuffled, alpha=alpha, max_tokens=max(m, 1)) == pytest.approx(base, rel=1e-12, abs=1e-15)
-    assert tpd_score(list(lp) + [0.0] * extra, alpha=alpha, max_tokens=max(m, 1)) == base
+    assert tpd_deviation(shuffled, alpha=alpha, max_tokens=max(m, 1)) == pytest.approx(base, rel=1e-12, abs=1e-15)
+    assert tpd_deviation(list(lp) + [0.0] * extra, alpha=alpha, max_tokens=max(m, 1)) == base
 
 
 @FAST
 @given(LOGPROBS, TAU, ALPHA)
 def test_tpd_of_float32_logprobs_matches_float64(lp, tau, alpha):
     """The store keeps float32: TPD from float32 log-probs is within float32 rounding of the float64 value."""
-    a = tpd_score(np.asarray(lp, np.float64), tau=tau, alpha=alpha)
-    b = tpd_score(np.asarray(lp, np.float32), tau=tau, alpha=alpha)
+    a = tpd_deviation(np.asarray(lp, np.float64), tau=tau, alpha=alpha)
+    b = tpd_deviation(np.asarray(lp, np.float32), tau=tau, alpha=alpha)
     # Tokens within float32 rounding of tau may flip in or out of the kept set: only compare away from that edge.
     p = np.exp(np.asarray(lp, np.float64))
     assume(not np.any(np.abs(p - tau) < 1e-5))

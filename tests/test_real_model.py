@@ -20,9 +20,9 @@ def test_demo_style_run_on_the_embedded_model(tmp_path, default_dir, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     fp = metrics["config"]["source"]["fingerprint"]
     assert fp["model"]["name"].startswith("SmolLM2-135M-Instruct") and len(fp["model"]["gguf_sha256"]) == 64
-    from distill_detect.pipeline import load_run_traces
+    from distill_detect.pipeline import read_run
 
-    traces, _, _ = load_run_traces(out / "run")
+    traces, _, _ = read_run(out / "run")
     assert len(traces) == 6
     for t in traces:
         assert 1 <= t.num_tokens <= 16 and (t.output_logprobs <= 0).all()

@@ -18,7 +18,7 @@ def test_tpd_only_audit_decodes_at_most_budget_plus_one_per_question(tiny_dir, t
     """A TPD-only run of N questions with --tpd-tokens M runs at most N x (M + 1) decoding rows."""
     from distill_detect import cli
     from distill_detect.backends.hf import HFBackend
-    from distill_detect.pipeline import load_run_traces
+    from distill_detect.pipeline import read_run
 
     decoded = {"rows": 0}
 
@@ -55,7 +55,7 @@ def test_tpd_only_audit_decodes_at_most_budget_plus_one_per_question(tiny_dir, t
         ]
     )
     assert rc == 0
-    traces, _, _ = load_run_traces(out / "run")
+    traces, _, _ = read_run(out / "run")
     assert len(traces) == N
     stored = sum(t.num_tokens for t in traces)
     assert stored <= N * M  # the budget, not the 1000-token default cap

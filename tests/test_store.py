@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from distill_detect.errors import ConfigError
-from distill_detect.pipeline import generate_run, load_run_traces
+from distill_detect.pipeline import generate_run, read_run
 from distill_detect.store import RunLocked, TraceStore
 from distill_detect.types import Question, Trace
 
@@ -59,7 +59,7 @@ def test_resume_generates_only_what_is_missing(tmp_path):
     s = generate_run(QS, run, lambda: b2, max_new_tokens=50, batch_size=2)
     assert s["already_done"] == 4 and s["generated"] == 6
     assert set(b1.calls).isdisjoint(b2.calls) and len(set(b1.calls) | set(b2.calls)) == 10
-    traces, fp, counts = load_run_traces(run)
+    traces, fp, counts = read_run(run)
     assert [t.id for t in traces] == [q.id for q in QS]  # input order, each once
     assert counts == {"questions": 10, "traces": 10, "tokens": sum(t.num_tokens for t in traces)}
     assert [t.label for t in traces] == [q.label for q in QS]
@@ -73,7 +73,7 @@ def test_resume_generates_only_what_is_missing(tmp_path):
 def test_arrays_round_trip_exactly(tmp_path):
     b = FakeBackend()
     generate_run(QS[:3], tmp_path, lambda: b, max_new_tokens=50)
-    traces, _, _ = load_run_traces(tmp_path)
+    traces, _, _ = read_run(tmp_path)
     ref = b.generate(QS[:3], max_new_tokens=50)
     for a, r in zip(traces, ref):
         assert np.array_equal(a.output_logprobs, r.output_logprobs) and np.array_equal(a.output_ids, r.output_ids)
@@ -84,7 +84,7 @@ def test_larger_cap_regenerates_only_truncated_traces(tmp_path):
     generate_run(QS, tmp_path, lambda: FakeBackend(), max_new_tokens=4)
     b = FakeBackend()
     generate_run(QS, tmp_path, lambda: b, max_new_tokens=50)
-    traces, _, _ = load_run_traces(tmp_path)
+    traces, _, _ = read_run(tmp_path)
     short = [q.id for q in QS if 3 + len(q.text) % 5 < 4]  # these stopped by themselves under cap 4
     assert set(b.calls) == {q.id for q in QS} - set(short)
     assert all(t.max_new_tokens == 50 or t.finish_reason == "stop" for t in traces)
@@ -96,7 +96,7 @@ def test_fingerprint_mismatch_is_refused_naming_the_difference(tmp_path):
     generate_run(QS[:2], tmp_path, lambda: FakeBackend("v1"), max_new_tokens=5)
     with pytest.raises(ConfigError, match=r"model\.tag: run has 'v1', this command has 'v2'"):
         generate_run(QS, tmp_path, lambda: FakeBackend("v2"), max_new_tokens=5)
-    traces, _, counts = load_run_traces(tmp_path)
+    traces, _, counts = read_run(tmp_path)
     assert counts["questions"] == 2 and len(traces) == 2  # nothing was added by the refused command
 
 

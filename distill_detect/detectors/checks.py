@@ -34,35 +34,37 @@ NEED_FIELDS: dict[str, tuple[str, ...]] = {
 """Need word -> the ``Trace`` attributes it stands for."""
 
 NEED_SOURCES: dict[str, str] = {
-    "output_logprobs": "generated-token log-probabilities, recorded by every backend's generate()",
+    "output_logprobs": "generated-token log-probabilities, recorded by every backend's generation ('distill-detect generate')",
     "output_stats": (
         "per-step mean and standard deviation of log p over the whole vocabulary, recorded during generation by "
-        f"backends that see full logits (hf); {_API} and cannot provide them"
+        f"backends that see full logits (--backend hf or llamacpp); {_API} and cannot provide them"
     ),
     "prompt_logprobs": (
-        "prompt log-probabilities of the question tokens, recorded during generation when GenConfig.prompt_logprobs "
-        f"is true or by Backend.score_prompts (hf); {_API}, no prompt log-probabilities, so they cannot provide them"
+        "the question tokens' log-probabilities, recorded by 'distill-detect generate' unless --no-prompt-logprobs was given "
+        "(run the same generate command without it to fill them in); --backend openai gives them only from a server that "
+        f"echoes prompt log-probabilities; {_API}"
     ),
     "prompt_stats": (
-        "per-position mean and standard deviation of log p over the vocabulary at the question tokens, recorded with "
-        f"the prompt log-probabilities (hf); {_API} and cannot provide them"
+        "per-position mean and standard deviation of log p over the vocabulary at the question tokens, recorded with the "
+        "prompt log-probabilities by --backend hf or llamacpp (run 'generate' without --no-prompt-logprobs); "
+        f"{_API} and cannot provide them"
     ),
-    "question": "the question text, which the store keeps with every trace",
+    "question": "the question text, which the store keeps with every trace (add a 'question' field to a traces file)",
     "extra:lowercase_prompt_logprobs": (
-        "log-probabilities of the lowercased question, produced by distill_detect.passes.lowercase_pass "
-        "(a second teacher-forced pass of the same model)"
+        "log-probabilities of the lowercased question, from a second teacher-forced pass of the same model that "
+        "'distill-detect run' or 'score --run RUN --methods lowercase' runs by itself (a traces file cannot get it)"
     ),
     "extra:reference_prompt_logprobs": (
-        "the reference (pre-distillation base) model's log-probabilities of the question tokens, produced by "
-        "distill_detect.passes.reference_pass with a reference model that shares the student's tokenizer"
+        "the pre-distillation base model's log-probabilities of the question tokens: give --reference-model BASE to "
+        "'distill-detect run' or 'score --run RUN' (the base must share the student's tokenizer)"
     ),
     "extra:reference_output_logprobs": (
-        "the reference (pre-distillation base) model's log-probabilities of the student's generated tokens, "
-        "produced by distill_detect.passes.reference_pass with a reference model that shares the student's tokenizer"
+        "the pre-distillation base model's log-probabilities of the student's generated tokens: give --reference-model "
+        "BASE to 'distill-detect run' or 'score --run RUN' (the base must share the student's tokenizer)"
     ),
     "extra:dcpdd_token_freq": (
-        "corpus frequencies of the question tokens, produced by distill_detect.passes.dcpdd_freq_pass from a "
-        "token-frequency table (distill_detect.passes.build_token_freq_table)"
+        "corpus frequencies of the question tokens, looked up by 'distill-detect run' or 'score --run RUN --methods dc_pdd' "
+        "from the question token ids (recorded unless --no-prompt-logprobs was given)"
     ),
 }
 """Need word -> what produces it (used in error messages)."""
@@ -72,7 +74,7 @@ def source_of(need: str) -> str:
     if need in NEED_SOURCES:
         return NEED_SOURCES[need]
     if need.startswith("extra:"):
-        return f"an array stored as Trace.extra[{need[6:]!r}] by a model pass (distill_detect.passes)"
+        return f"an array stored as Trace.extra[{need[6:]!r}] by an extra model pass that 'distill-detect run' or 'score --run RUN' runs"
     return f"the trace field {need!r}"
 
 

@@ -34,13 +34,14 @@ def check_tpd_params(*, tau: float, alpha: float, max_tokens: int) -> None:
         raise ConfigError(f"TPD max_tokens (M) must be an integer >= 1, got {max_tokens!r} (the paper uses 300)")
 
 
-def tpd_score(logprobs, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 300) -> float:
-    """TPD of one generation from its emitted-token log-probabilities.
+def tpd_deviation(logprobs, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 300) -> float:
+    """TPD of one generation from its emitted-token log-probabilities: a deviation from certainty,
+    so LOWER = more likely a member (a student is near-certain on what it was distilled on).
 
     >>> import numpy as np
-    >>> round(tpd_score(np.log([1.0, 0.5, 0.75]), tau=1.0, alpha=1.0), 6)  # mean(0.5, 0.25)
+    >>> round(tpd_deviation(np.log([1.0, 0.5, 0.75]), tau=1.0, alpha=1.0), 6)  # mean(0.5, 0.25)
     0.375
-    >>> tpd_score(np.log([1.0, 1.0]))  # nothing below tau: defined as 0
+    >>> tpd_deviation(np.log([1.0, 1.0]))  # nothing below tau: defined as 0
     0.0
     """
     check_tpd_params(tau=tau, alpha=alpha, max_tokens=max_tokens)
@@ -54,4 +55,7 @@ def tpd_score(logprobs, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int
 
 def tpd(trace, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 300) -> float:
     lp = need_array(trace, "output_logprobs", "tpd", allow_empty=True)
-    return tpd_score(lp, tau=tau, alpha=alpha, max_tokens=max_tokens)
+    return tpd_deviation(lp, tau=tau, alpha=alpha, max_tokens=max_tokens)
+
+
+tpd_score = tpd_deviation  # the older name (its sign reads like sklearn's higher-is-better *_score, which it is not)

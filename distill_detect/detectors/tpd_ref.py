@@ -23,7 +23,7 @@ a member. A student scored against itself gives exactly 0.
 from __future__ import annotations
 
 from distill_detect.detectors.checks import need_array, same_length
-from distill_detect.detectors.tpd import tpd_score
+from distill_detect.detectors.tpd import tpd_deviation
 
 
 def tpd_ref(trace, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 300) -> float:
@@ -31,4 +31,4 @@ def tpd_ref(trace, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 30
     r = need_array(trace, "extra:reference_output_logprobs", "tpd_ref", allow_empty=True)
     same_length(p, r, method="tpd_ref", names=("output_logprobs", "reference_output_logprobs"), trace_id=trace.id)
     params = {"tau": tau, "alpha": alpha, "max_tokens": max_tokens}
-    return tpd_score(p, **params) - tpd_score(r, **params)
+    return tpd_deviation(p, **params) - tpd_deviation(r, **params)

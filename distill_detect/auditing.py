@@ -1,0 +1,428 @@
+"""The audit pipeline: plan benchmark and reference in one run, generate what is missing, read
+every trace at one budget, score with one detector, run the statistics, write the outputs.
+
+1. The benchmark (labels unknown) and the reference set (known unseen, from a file or built by
+   ``make_reference``) are planned in ONE run directory (``OUT/run`` unless ``run_dir`` names
+   another). Benchmark ids are stored as given; reference ids get the prefix ``ref:`` so a
+   reference file numbered like the benchmark cannot collide with it. ``OUT/audit_sets.json``
+   records which stored ids form each set.
+2. Only missing traces are generated, and only as many tokens as the method reads; every trace
+   is then read at that one budget, so a reused store holding longer traces cannot tilt the
+   comparison, and traces cut short by an older, lower cap are refused by name.
+3. Every trace is scored with the detector; ``audit.audit`` orients the raw scores by the
+   method's direction and returns conformal p-values, BH flags, the dataset test and the fraction.
+4. Outputs: ``OUT/audit.json``, ``OUT/audit_questions.csv``, ``OUT/scores.jsonl``, ``OUT/report.html``.
+
+``audit_from(DIR)`` redoes step 3 from DIR's stored traces with other levels or seed (no model).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from distill_detect.errors import ConfigError, DistillDetectError
+
+REF_PREFIX = "ref:"
+"""Prefix of reference questions' ids in the run's store."""
+SETS_FILE = "audit_sets.json"
+AUDIT_FILE = "audit.json"
+CSV_FILE = "audit_questions.csv"
+PERTURBED_FILE = "reference.perturbed.jsonl"
+MIN_REFERENCE = 20
+"""Fewest reference questions accepted (the asymptotic Mann-Whitney test wants >= 20 per side)."""
+
+
+def min_reference(fdr: float) -> int:
+    """Fewest reference questions: MIN_REFERENCE, and enough that BH can flag a question at ``fdr`` at all.
+
+    The smallest conformal p-value is 1/(m+1); BH can flag anything only if that is <= fdr.
+
+    >>> min_reference(0.05), min_reference(0.01)
+    (20, 99)
+    """
+    return max(MIN_REFERENCE, math.ceil(1.0 / fdr - 1e-9) - 1)
+
+
+def check_sets(bench, ref, *, bench_src: str, ref_src: str, fdr: float, perturbed: int | None = None) -> None:
+    """Refuse an audit that cannot be valid: overlapping sets, too few questions (with the right remedy)."""
+    if len(bench) < 2:
+        raise ConfigError(f"{bench_src}: {len(bench)} question(s); the audit needs at least 2 benchmark questions")
+    by_text = {q.text.strip(): q.id for q in bench}
+    for r in ref:
+        if r.text.strip() in by_text:
+            n = sum(1 for x in ref if x.text.strip() in by_text)
+            raise ConfigError(
+                f"{ref_src}: {n} reference question(s) also in the benchmark (first: {r.id!r} = benchmark {by_text[r.text.strip()]!r}); "
+                "a reference must be known-unseen questions distinct from the benchmark"
+            )
+    need = min_reference(fdr)
+    if len(ref) >= need:
+        return
+    why = (
+        f"at FDR {fdr:g} BH cannot flag any question with fewer"
+        if need > MIN_REFERENCE
+        else "the dataset test needs at least that many"
+    )
+    if perturbed is not None:
+        raise ConfigError(
+            f"--make-reference built {len(ref)} reference question(s) from the {perturbed} questions of {bench_src}; "
+            f"the audit needs at least {need} ({why}). Give --reference REF.jsonl with at least {need} questions "
+            "known not to be in the distillation data"
+        )
+    raise ConfigError(f"{ref_src}: {len(ref)} reference question(s), need at least {need} ({why}); add known-unseen questions")
+
+
+def store_ids(bench, ref) -> tuple[list, list]:
+    """The questions as planned in the store: benchmark unlabelled, reference prefixed and labelled 0."""
+    b = [replace(q, label=None) for q in bench]
+    r = [replace(q, id=REF_PREFIX + q.id, label=0) for q in ref]
+    seen: set[str] = set()
+    for q in b + r:
+        if q.id in seen:
+            raise ConfigError(f"question id {q.id!r} appears twice across the benchmark and the reference; ids must be unique")
+        seen.add(q.id)
+    return b, r
+
+
+def pick_traces(run_dir: Path, bench, ref):
+    """(benchmark traces, reference traces, fingerprint, their ids in the store), in set order.
+
+    A question is found by its id (reference: with or without the ``ref:`` prefix) when the
+    stored text matches, else by its text; an error names how many are missing.
+    """
+    from distill_detect.pipeline import read_run
+
+    traces, fp, _ = read_run(run_dir)
+    by_id = {t.id: t for t in traces}
+    by_text = {}
+    for t in traces:
+        by_text.setdefault((t.question or "").strip(), t)
+
+    def find(q, alt_id=None):
+        for i in (q.id, alt_id):
+            t = by_id.get(i) if i else None
+            if t is not None and (t.question or "").strip() == q.text.strip():
+                return t
+        return by_text.get(q.text.strip())
+
+    got_b = [find(q) for q in bench]
+    got_r = [find(q, q.id[len(REF_PREFIX) :] if q.id.startswith(REF_PREFIX) else None) for q in ref]
+    missing = sum(t is None for t in got_b) + sum(t is None for t in got_r)
+    if missing:
+        first = next(q.id for q, t in zip(bench + ref, got_b + got_r) if t is None)
+        raise DistillDetectError(
+            f"{missing} of {len(bench) + len(ref)} audited questions have no complete trace in {run_dir} (first: {first!r}); "
+            "generate them by giving --model (or run the first audit again)"
+        )
+    # Labels as the audit sees them: benchmark unknown, reference known unseen.
+    tb = [replace(t, id=q.id, label=None) for q, t in zip(bench, got_b)]
+    tr = [replace(t, id=q.id, label=0) for q, t in zip(ref, got_r)]
+    return tb, tr, fp, [t.id for t in got_b], [t.id for t in got_r]
+
+
+def context_lines(res, name, params, det, sets, doc) -> list[str]:
+    ref = sets["reference"]
+    kind = "perturbed from the benchmark" if ref.get("kind") == "perturbed" else "known unseen"
+    p = ", ".join(f"{k}={v}" for k, v in params.items())
+    f = res.fraction
+    lines = [
+        f"  method: {name} ({p}); {'higher' if det.higher_is_member else 'lower'} raw score = more member-like"
+        + (f"; decoded at most {sets['max_new_tokens']} tokens per question" if sets.get("max_new_tokens") else ""),
+        f"  benchmark: {sets['benchmark']['source']}, {res.n_bench} questions; reference: {ref['source']}, {res.n_ref} questions ({kind})",
+        f"  dataset test: one-sided Mann-Whitney U ({res.dataset.method}), p = {fmt_p(res.dataset.pvalue)} at alpha {res.alpha:g}; "
+        f"AUC benchmark vs reference {res.dataset.auc:.3f} (0.5 = indistinguishable)",
+        f"  fraction: Storey's estimate {100 * f.estimate:.0f}%"
+        + (f", {100 * f.confidence:g}% bootstrap CI {100 * f.ci_low:.0f}–{100 * f.ci_high:.0f}%" if f.n_boot else "")
+        + "; a LOWER bound: seen questions the detector scores like unseen ones are not counted",
+        f"  flags: BH at FDR {100 * res.fdr:g}% flags none or at least {res.min_flaggable} questions "
+        f"(smallest possible p-value 1/(m+1) = {1 / (res.n_ref + 1):.3g})",
+    ]
+    if ref.get("kind") == "perturbed":
+        lines.append(
+            "  caution: a perturbed reference can itself "
+            "look less familiar than unseen originals, which reads as contamination; prefer a real held-out set"
+        )
+    flagged = sorted((q for q in doc["questions"] if q["flagged"]), key=lambda q: q["pvalue"])
+    if flagged:
+        shown = ", ".join(f"{q['id']} (p={fmt_p(q['pvalue'])})" for q in flagged[:10])
+        more = f" and {len(flagged) - 10} more" if len(flagged) > 10 else ""
+        lines.append(f"  flagged: {shown}{more}")
+    return lines
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_csv(path: Path, traces, rows: list[dict]) -> None:
+    """One row per benchmark question, most member-like first (smallest p-value)."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["pvalue"], -rows[i]["score"], i))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rank", "index", "id", "flagged", "pvalue", "qvalue", "score", "raw_score", "question"])
+        for rank, i in enumerate(order, 1):
+            r = rows[i]
+            w.writerow(
+                [
+                    rank,
+                    i,
+                    r["id"],
+                    int(r["flagged"]),
+                    f"{r['pvalue']:.6g}",
+                    f"{r['qvalue']:.6g}",
+                    f"{r['score']:.6g}",
+                    f"{r['raw_score']:.6g}",
+                    traces[i].question or "",
+                ]
+            )
+    tmp.replace(path)
+
+
+def fmt_p(p: float) -> str:
+    from distill_detect.audit import _fmt_p
+
+    return _fmt_p(p)
+
+
+@dataclass
+class AuditReport:
+    """An audit's statistics (``result``: ``audit.AuditResult``), its document and where it was written."""
+
+    result: object
+    doc: dict
+    sets: dict
+    context: list[str]
+    out: Path
+    report_path: Path | None = None
+
+    def verdict(self) -> str:
+        return self.result.verdict()
+
+    def summary(self) -> str:
+        """The verdict line, then what it rests on (what the CLI prints)."""
+        return "\n".join([self.verdict(), *self.context])
+
+    @property
+    def contaminated(self) -> bool:
+        return bool(self.result.contaminated)
+
+
+def _resolve(method: str, params: dict | None):
+    from distill_detect.api import resolve_methods
+    from distill_detect.detectors import get
+
+    if "," in method:
+        raise ConfigError(f"--methods {method!r}: an audit uses one detector; run one audit per method")
+    resolved = resolve_methods(method, {method: params} if params else None)
+    return method, resolved[method], get(method)
+
+
+def _check_levels(fdr: float, alpha: float, bootstrap: int) -> None:
+    for name, v in (("--fdr", fdr), ("--alpha", alpha)):
+        if not 0.0 < v < 1.0:
+            raise ConfigError(f"{name} must be in (0, 1), got {v}; e.g. 0.05")
+    if bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {bootstrap}")
+
+
+def _perturbed_reference(bench, bench_src, out: Path, seed: int, log):
+    from distill_detect.audit import make_reference
+    from distill_detect.data import questions_to_rows, write_jsonl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ref, dropped = make_reference(bench, seed=seed)
+    # A perturbation can land exactly on another benchmark question (templated sets): drop it.
+    texts = {q.text.strip() for q in bench}
+    clash = [r.id for r in ref if r.text.strip() in texts]
+    ref = [r for r in ref if r.text.strip() not in texts]
+    ref_src = str(out / PERTURBED_FILE)
+    write_jsonl(out / PERTURBED_FILE, questions_to_rows(ref))
+    if log:
+        log(f"--make-reference: wrote {len(ref)} perturbed reference questions to {ref_src}; dropped {len(dropped)} benchmark "
+            "question(s) with no number to change" + (f" and {len(clash)} perturbation(s) equal to a benchmark question" if clash else ""))  # fmt: skip
+    info = {
+        "source": ref_src,
+        "kind": "perturbed",
+        "from": bench_src,
+        "seed": seed,
+        "dropped": dropped,
+        "dropped_equal_to_benchmark": clash,
+    }
+    return ref, info
+
+
+def audit_pipeline(questions, reference, *, out: Path, make_reference: bool, settings, run_dir, method: str, params,
+                   gen, reference_model, fdr: float, alpha: float, seed: int, bootstrap: int, source, report: bool, log) -> AuditReport:  # fmt: skip
+    """``distill_detect.api.audit``: see the module docstring."""
+    from distill_detect import pipeline
+    from distill_detect.api import reference_backend
+    from distill_detect.scoring import generation_budget
+
+    _check_levels(fdr, alpha, bootstrap)
+    if (reference is None) == (not make_reference):
+        raise ConfigError(
+            "give exactly one of --reference REF.jsonl (questions known not to be in the distillation data) or --make-reference"
+        )
+    name, params, det = _resolve(method, params)
+    bench_src = str(questions) if isinstance(questions, (str, Path)) else "benchmark"
+    bench = source.load(questions)
+    if make_reference:
+        ref, info = _perturbed_reference(bench, bench_src, out, seed, log)
+    else:
+        ref = source.load(reference, label=0)
+        info = {"source": str(reference) if isinstance(reference, (str, Path)) else "reference", "kind": "file"}
+    check_sets(bench, ref, bench_src=bench_src, ref_src=info["source"], fdr=fdr, perturbed=len(bench) if make_reference else None)
+    sb, sr = store_ids(bench, ref)
+    run_dir = Path(run_dir) if run_dir else out / "run"
+    if settings is None and not (run_dir / "traces.sqlite").exists():
+        raise ConfigError(f"{run_dir} is not a run directory; give a model to generate the traces")
+    budget = generation_budget({name: params}, gen.max_new_tokens)
+    if settings is not None:
+        if budget < gen.max_new_tokens and log:
+            log(f"{name} reads at most {budget} generated tokens: decoding stops there")
+        with source.located():
+            s = pipeline.generate(sb + sr, run_dir, settings, replace(gen, max_new_tokens=budget), methods=[name], log=log)
+        if log:
+            log(f"generated {s['generated']} questions ({s['tokens']} tokens in {s['seconds']:.0f}s); {s['already_done']} were already stored"
+                if s["generated"] else f"all {s['planned']} questions already stored in {run_dir}: no generation")  # fmt: skip
+        with _store(run_dir) as st:
+            fp0 = st.get_meta("fingerprint")
+        ref_factory, ref_id = reference_backend(reference_model, fp0)
+        pipeline.run_passes(run_dir, [name], student_factory=settings.factory(gen), reference_factory=ref_factory,
+                            reference_identity=ref_id, batch_size=gen.batch_size, ids={q.id for q in sb + sr}, log=log)  # fmt: skip
+    tb, tr, fp, store_b, store_r = pick_traces(run_dir, sb, sr)
+    read = pipeline.read_budget({name: params}, budget)
+    both = pipeline.at_budget(tb + tr, read, where=run_dir)
+    tb, tr = both[: len(tb)], both[len(tb) :]
+    sets = {
+        "run": str(run_dir.resolve()),
+        "method": name,
+        "params": params,
+        "max_new_tokens": read,
+        "benchmark": {"source": bench_src, "ids": [q.id for q in sb], "store_ids": store_b},
+        "reference": {**info, "ids": [q.id for q in sr], "store_ids": store_r},
+    }
+    return finish(out, sets, tb, tr, fp, name, params, det, fdr=fdr, alpha=alpha, seed=seed, bootstrap=bootstrap, report=report)
+
+
+def audit_from(src, *, out=None, run_dir=None, method: str | None = None, params: dict | None = None, fdr: float = 0.05,
+               alpha: float = 0.05, seed: int = 0, bootstrap: int = 2000, report: bool = True) -> AuditReport:  # fmt: skip
+    """Redo the statistics of a finished audit ``src`` from its stored traces (no model)."""
+    from distill_detect import pipeline
+
+    _check_levels(fdr, alpha, bootstrap)
+    src = Path(src)
+    sets_path = src / SETS_FILE
+    if not sets_path.exists():
+        raise DistillDetectError(f"{src}: no {SETS_FILE}; give the --out of an earlier 'distill-detect audit'")
+    try:
+        sets = json.loads(sets_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DistillDetectError(f"{sets_path}: not readable ({exc})") from None
+    run_dir = Path(run_dir or sets["run"])
+    if method or params:
+        name, params, det = _resolve(method or sets["method"], params)
+    else:
+        name, params, det = _resolve(sets["method"], None)
+        params = {**params, **(sets.get("params") or {})}
+    traces, fp, _ = pipeline.read_run(run_dir)
+    by_id = {t.id: t for t in traces}
+    b, r = sets["benchmark"], sets["reference"]
+    missing = [i for i in b["store_ids"] + r["store_ids"] if i not in by_id]
+    if missing:
+        raise DistillDetectError(
+            f"{run_dir}: {len(missing)} traces of the audit are missing (first: {missing[0]!r}); was the run moved?"
+        )
+    tb = [replace(by_id[s], id=i, label=None) for i, s in zip(b["ids"], b["store_ids"])]
+    tr = [replace(by_id[s], id=i, label=0) for i, s in zip(r["ids"], r["store_ids"])]
+    if len(tr) < min_reference(fdr):
+        raise ConfigError(
+            f"--fdr {fdr:g}: with {len(tr)} reference questions BH cannot flag any question; need at least {min_reference(fdr)}"
+        )
+    cap = sets.get("max_new_tokens")
+    read = pipeline.read_budget({name: params}, cap or 10**9)
+    if cap is None and read is not None:
+        read = pipeline.common_budget(tb + tr) and min(read, pipeline.common_budget(tb + tr))
+    both = pipeline.at_budget(tb + tr, read, where=run_dir)
+    tb, tr = both[: len(tb)], both[len(tb) :]
+    sets = {**sets, "run": str(run_dir.resolve()), "method": name, "params": params, "max_new_tokens": read}
+    return finish(Path(out) if out else src, sets, tb, tr, fp, name, params, det, fdr=fdr, alpha=alpha, seed=seed,
+                  bootstrap=bootstrap, report=report)  # fmt: skip
+
+
+def _store(run_dir):
+    from distill_detect.store import TraceStore
+
+    return TraceStore(run_dir)
+
+
+def finish(
+    out: Path, sets: dict, tb, tr, fp, name: str, params: dict, det, *, fdr, alpha, seed, bootstrap, report
+) -> AuditReport:
+    """Score, run the statistics, write every output; returns the report (nothing printed)."""
+    from distill_detect import __version__, pipeline
+    from distill_detect.audit import audit
+    from distill_detect.report.data import finite_or_none
+    from distill_detect.scoring import score_traces, write_outputs
+
+    pipeline.check_trace_needs(tb + tr, {name: params})
+    raw = score_traces(tb + tr, {name: params})[name]
+    bad = ~np.isfinite(raw)
+    if bad.any():
+        first = (tb + tr)[int(np.flatnonzero(bad)[0])].id
+        raise DistillDetectError(
+            f"{name} gave {int(bad.sum())} non-finite score(s) (first: {first!r}); the audit needs a finite score per question"
+        )
+    n = len(tb)
+    res = audit([t.id for t in tb], raw[:n], raw[n:], method=name, fdr=fdr, alpha=alpha, n_boot=bootstrap, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = res.to_dict()
+    for row, r in zip(doc["questions"], raw[:n]):
+        row["raw_score"] = float(r)
+    model = (fp or {}).get("model") or {}
+    doc.update(
+        {
+            "method": name,
+            "params": params,
+            "higher_is_member": det.higher_is_member,
+            "score_orientation": "score = membership score, higher = more likely seen; raw_score is in the method's own sign",
+            "benchmark": {"source": sets["benchmark"]["source"], "n": n},
+            "reference": {k: v for k, v in sets["reference"].items() if k not in ("ids", "store_ids")} | {"n": len(tr)},
+            "model": model.get("name") or model.get("hub_id"),
+            "source": {"run": sets["run"], "fingerprint": fp},
+            "max_new_tokens": sets.get("max_new_tokens"),
+            "package_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "notes": [
+                "contaminated iff the one-sided Mann-Whitney test of benchmark vs reference scores gives p < alpha",
+                "the estimated fraction is a lower bound: seen questions that the detector scores like unseen ones count as unseen",
+                f"BH flags either no question or at least min_flaggable = {res.min_flaggable}; the smallest p-value is 1/(m+1)",
+                "valid only if the reference is exchangeable with the benchmark's unseen questions (same source, style, difficulty)",
+            ],
+        }
+    )
+    write_json(out / AUDIT_FILE, finite_or_none(doc))
+    write_json(out / SETS_FILE, sets)
+    write_csv(out / CSV_FILE, tb, doc["questions"])
+    config = {"source": {"run": sets["run"], "fingerprint": fp}, "methods": {name: params}, "audit": str(out / AUDIT_FILE)}
+    write_outputs(out, tb + tr, {name: raw}, None, config)
+    rep = AuditReport(res, doc, sets, context_lines(res, name, params, det, sets, doc), out)
+    if report:
+        from distill_detect.report import write_report
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "only one class": the audit section says what matters
+            rep.report_path = write_report(out, traces=tb + tr)
+    return rep
