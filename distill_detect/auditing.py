@@ -392,6 +392,8 @@ def finish(
     for row, r in zip(doc["questions"], raw[:n]):
         row["raw_score"] = float(r)
     model = (fp or {}).get("model") or {}
+    with _store(sets["run"]) as st:
+        location = (st.get_meta("model") or {}).get("location")
     doc.update(
         {
             "method": name,
@@ -401,6 +403,7 @@ def finish(
             "benchmark": {"source": sets["benchmark"]["source"], "n": n},
             "reference": {k: v for k, v in sets["reference"].items() if k not in ("ids", "store_ids")} | {"n": len(tr)},
             "model": model.get("name") or model.get("hub_id"),
+            "model_location": location,
             "source": {"run": sets["run"], "fingerprint": fp},
             "max_new_tokens": sets.get("max_new_tokens"),
             "package_version": __version__,
@@ -416,7 +419,8 @@ def finish(
     write_json(out / AUDIT_FILE, finite_or_none(doc))
     write_json(out / SETS_FILE, sets)
     write_csv(out / CSV_FILE, tb, doc["questions"])
-    config = {"source": {"run": sets["run"], "fingerprint": fp}, "methods": {name: params}, "audit": str(out / AUDIT_FILE)}
+    config = {"source": {"run": sets["run"], "fingerprint": fp}, "methods": {name: params}, "audit": str(out / AUDIT_FILE),
+              "model_location": location}  # fmt: skip
     write_outputs(out, tb + tr, {name: raw}, None, config)
     rep = AuditReport(res, doc, sets, context_lines(res, name, params, det, sets, doc), out)
     if report:
