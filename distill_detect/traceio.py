@@ -26,34 +26,23 @@ import numpy as np
 
 from distill_detect.data import read_records
 from distill_detect.errors import DistillDetectError, InputError
-from distill_detect.types import Trace
+from distill_detect.types import JSON_NAMES, TRACE_ARRAYS, Trace
 
-_LOGPROB_FIELDS = ("output_logprobs", "prompt_logprobs")
-_FLOAT_FIELDS = ("output_mean_logp", "output_std_logp", "prompt_mean_logp", "prompt_std_logp")
+_SCALARS = ("label", "question", "output_text", "finish_reason", "max_new_tokens")
 _ROUNDING = 1e-6
 
 
 def trace_to_dict(t: Trace) -> dict:
+    """One trace as a JSON object: the scalars that are set, every array of the schema that is present, ``extra``."""
     d: dict = {"id": t.id}
-    if t.label is not None:
-        d["label"] = int(t.label)
-    if t.question is not None:
-        d["question"] = t.question
-    if t.output_text is not None:
-        d["output_text"] = t.output_text
-    if t.finish_reason is not None:
-        d["finish_reason"] = t.finish_reason
-    if t.max_new_tokens is not None:
-        d["max_new_tokens"] = int(t.max_new_tokens)
-    if t.output_ids is not None:
-        d["output_token_ids"] = t.output_ids.tolist()
-    d["output_logprobs"] = [float(x) for x in t.output_logprobs]
-    for k in (*_FLOAT_FIELDS, "prompt_logprobs"):
+    for k in _SCALARS:
         v = getattr(t, k)
         if v is not None:
-            d[k] = [float(x) for x in v]
-    if t.prompt_ids is not None:
-        d["prompt_ids"] = t.prompt_ids.tolist()
+            d[k] = int(v) if k in ("label", "max_new_tokens") else v
+    for name, dtype in TRACE_ARRAYS.items():
+        v = getattr(t, name)
+        if v is not None:
+            d[JSON_NAMES[name]] = v.tolist() if dtype.kind == "i" else [float(x) for x in v]
     if t.extra:
         d["extra"] = {k: np.asarray(v).tolist() for k, v in t.extra.items()}
     return d
@@ -124,23 +113,17 @@ def read_traces_jsonl(path) -> list[Trace]:
         if rec["output_logprobs"] is None:
             raise InputError(path, "is null; expected the emitted tokens' log-probabilities", line=line, field="output_logprobs")
         kw: dict = {}
-        for f in _LOGPROB_FIELDS:
-            if rec.get(f) is not None:
-                kw[f] = _numbers(path, line, f, rec[f], logprob=True)
-        for f in _FLOAT_FIELDS:
-            if rec.get(f) is not None:
-                kw[f] = _numbers(path, line, f, rec[f], logprob=False)
-        if rec.get("output_token_ids") is not None:
-            kw["output_ids"] = _numbers(path, line, "output_token_ids", rec["output_token_ids"], logprob=False, integer=True)
-            if len(kw["output_ids"]) != len(kw["output_logprobs"]):
-                raise InputError(
-                    path,
-                    f"{len(kw['output_ids'])} token ids but {len(kw['output_logprobs'])} log-probabilities",
-                    line=line,
-                    field="output_token_ids",
-                )
-        if rec.get("prompt_ids") is not None:
-            kw["prompt_ids"] = _numbers(path, line, "prompt_ids", rec["prompt_ids"], logprob=False, integer=True)
+        for name, dtype in TRACE_ARRAYS.items():
+            key = JSON_NAMES[name]
+            if rec.get(key) is not None:
+                kw[name] = _numbers(path, line, key, rec[key], logprob=name.endswith("logprobs"), integer=dtype.kind == "i")
+        if kw.get("output_ids") is not None and len(kw["output_ids"]) != len(kw["output_logprobs"]):
+            raise InputError(
+                path,
+                f"{len(kw['output_ids'])} token ids but {len(kw['output_logprobs'])} log-probabilities",
+                line=line,
+                field="output_token_ids",
+            )
         for f in ("question", "output_text", "finish_reason"):
             v = rec.get(f)
             if v is not None and not isinstance(v, str):

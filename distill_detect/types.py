@@ -78,7 +78,9 @@ class Trace:
     """The question's id."""
     output_logprobs: np.ndarray = field(metadata={"dtype": "float32", "aligned": "output"})
     """float32 [T]: log p(emitted token) at each generated step, in generation order (all <= 0)."""
-    output_ids: np.ndarray | None = field(default=None, metadata={"dtype": "int32", "aligned": "output"})
+    output_ids: np.ndarray | None = field(
+        default=None, metadata={"dtype": "int32", "aligned": "output", "json": "output_token_ids"}
+    )
     """int32 [T]: the emitted token ids (None when imported from logs without ids)."""
     output_text: str | None = None
     """The decoded generation (special tokens removed)."""
@@ -142,6 +144,9 @@ class Trace:
 TRACE_ARRAYS: dict[str, np.dtype] = {f.name: np.dtype(f.metadata["dtype"]) for f in fields(Trace) if "dtype" in f.metadata}
 """The per-token arrays of a trace and their dtypes: the one declaration of the trace schema
 (the store's columns, the JSONL interchange and ``merge`` derive from it)."""
+
+JSON_NAMES: dict[str, str] = {f.name: f.metadata.get("json", f.name) for f in fields(Trace) if "dtype" in f.metadata}
+"""Trace array -> its key in the traces JSONL interchange format (``traceio``)."""
 
 OUTPUT_ARRAYS: tuple[str, ...] = tuple(f.name for f in fields(Trace) if f.metadata.get("aligned") == "output")
 """Arrays with one entry per generated token."""
