@@ -7,14 +7,20 @@ directory, so later loads take about a second.
 
 Cache directory: ``$DISTILL_DETECT_CACHE``, else ``$XDG_CACHE_HOME/distill-detect``,
 else ``~/.cache/distill-detect``. Nothing is ever written into the repository.
+
+Third-party progress bars (transformers' GGUF conversion, weight loading and saving) are
+shown on a terminal only: in a log file (stderr redirected) they are carriage-return noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +44,31 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+@contextlib.contextmanager
+def progress_bars_on_terminal_only():
+    """Inside this block, third-party progress bars print only when stderr is a terminal.
+
+    transformers' GGUF conversion uses ``tqdm.auto`` directly (not its own switch), so when
+    stderr is not a terminal the block's stderr output is discarded; errors still raise.
+    """
+    if _stderr_is_terminal():
+        yield
+        return
+    try:
+        quiet_transformers()
+    except ImportError:  # pragma: no cover - transformers missing: nothing of its to quiet
+        pass
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def find_default_gguf() -> Path:
@@ -71,21 +102,20 @@ def default_model_dir(progress: bool = True) -> Path:
     transformers = require("transformers", "hf", "Loading the embedded default model")
     require("gguf", "hf", "Reading the embedded GGUF model")
     if progress:
-        import sys
-
         print(f"Converting the embedded SmolLM2-135M-Instruct GGUF to safetensors in {out} (once)...", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Write to a temporary sibling and rename, so a killed conversion never leaves a half model behind.
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    # The GGUF loader dequantises to float32 but leaves a quantizer attached that refuses to save;
-    # the weights are plain tensors, so detach it and save an ordinary checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    with progress_bars_on_terminal_only():
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF loader dequantises to float32 but leaves a quantizer attached that refuses to save;
+        # the weights are plain tensors, so detach it and save an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     (tmp / "distill_detect.json").write_text(
         json.dumps({"source": str(gguf), "gguf_sha256": _sha256(gguf), "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"})
     )
@@ -141,6 +171,11 @@ def resolve_model(spec: str | None) -> ModelRef:
         return ModelRef(spec=DEFAULT_MODEL, location=str(d), identity={"name": meta["name"], "gguf_sha256": meta["gguf_sha256"]})
     p = Path(spec).expanduser()
     if p.exists():
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            raise ConfigError(
+                f"--model {spec!r} is a GGUF file: use --backend llamacpp to run it "
+                "(this backend loads Hugging Face checkpoint directories)"
+            )
         if not p.is_dir() or not (p / "config.json").exists():
             raise ConfigError(f"--model {spec!r}: expected a Hugging Face checkpoint directory with a config.json")
         return ModelRef(spec=spec, location=str(p.resolve()), identity={"name": p.name, **_dir_identity(p)})
@@ -157,19 +192,41 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def checkpoint_config(location: str) -> dict:
+    """The checkpoint's config.json as a dict ({} where it cannot be read)."""
+    d = Path(location)
+    if d.is_dir():
+        try:
+            return json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+    try:  # a hub id: its config (the loader fetches it next anyway)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(location).to_dict()
+    except Exception:  # offline, unknown id, no transformers: the loader reports it
+        return {}
+
+
+def checkpoint_dtype(location: str):
+    """The precision the checkpoint was saved in (``torch_dtype``; ``dtype`` in transformers 5), or None."""
+    cfg = checkpoint_config(location)
+    return cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("torch_dtype")
+
+
 def load_hf(ref: ModelRef, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """Load (model, tokenizer) with transformers; errors name the cause and the fix."""
+    """Load (model, tokenizer) with transformers; errors name the cause and the fix.
+
+    ``device`` and ``dtype`` go through the backends' shared rules (``backends.base.resolve_device``
+    and ``resolve_dtype``): returns the resolved ones."""
+    from distill_detect.backends.base import resolve_device, resolve_dtype
     from distill_detect.errors import require
 
     torch = require("torch", "hf", "The HF backend")
     transformers = require("transformers", "hf", "The HF backend")
     quiet_transformers()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    device = resolve_device(device, torch)
+    dtype = resolve_dtype(dtype, device.split(":")[0], checkpoint_dtype(ref.location))
     import safetensors
 
     # A truncated or corrupt weights file (e.g. an interrupted copy) raises this, not OSError.

@@ -265,7 +265,20 @@ def test_retries_on_429_500_and_truncated_body(fake, tok_dir):
 def test_gives_up_after_max_retries(fake, tok_dir):
     be = _backend(fake, tok_dir, prompt_logprobs=False, max_retries=2)
     fake.failures = [500] * 10
-    with pytest.raises(ServerError, match="after 3 attempts"):
+    with pytest.raises(ServerError, match=r"127\.0\.0\.1:\d+/v1 kept failing \(HTTP 500\) after 3 attempts"):
+        be.generate([Question(id="a", text="q")], max_new_tokens=8)
+    assert len(fake.requests) == 3
+
+
+def test_malformed_bodies_are_retried_then_given_up_on(fake, tok_dir):
+    """The client retries HTTP failures itself but not a 200 with a cut JSON body: that retry is ours."""
+    be = _backend(fake, tok_dir, prompt_logprobs=False, max_retries=2)
+    fake.failures = ["truncated", "truncated"]
+    [t] = be.generate([Question(id="a", text="q")], max_new_tokens=8)
+    assert t.num_tokens == len(PIECES) and len(fake.requests) == 3
+    fake.requests.clear()
+    fake.failures = ["truncated"] * 5
+    with pytest.raises(ServerError, match=r"127\.0\.0\.1:\d+/v1 kept failing \(malformed response .*\) after 3 attempts"):
         be.generate([Question(id="a", text="q")], max_new_tokens=8)
     assert len(fake.requests) == 3
 

@@ -9,11 +9,29 @@ and ``FlatLogprobs`` that indexes like a list of such dicts).
 
 ``TorchLLM`` plays ``vllm.LLM`` with the tiny HF model: greedy decoding by full
 recomputation (no KV cache, an independent path), answering in vLLM's shapes. The
-VLLMBackend on it must agree with the HF backend token for token.
+VLLMBackend on it must agree with the HF backend token for token. It also does what real
+vLLM (V1, 0.10-0.11) does that a naive stand-in would not, so the translation is tested
+against it:
+
+* it stops at the generation config's ``eos_token_id`` even when they are not among the
+  ``stop_token_ids`` it is given (``SamplingParams.update_from_generation_config``);
+* the stop token stays in ``token_ids`` but is left out of ``text`` (the detokenizer skips
+  it unless ``include_stop_str_in_output``), special or not;
+* with ``flat=True`` log-probs come in ``FlatLogprobs``, whose first prompt position is an
+  empty position (``append(None)``), not None;
+* ``llm_engine.model_config`` (dtype, max_model_len, ``try_get_generation_config``) and
+  ``llm_engine.engine_core.shutdown()`` exist, as the backend reads and calls them.
+
+``fake_vllm`` puts a module named ``vllm`` in ``sys.modules`` whose ``LLM`` records the
+engine arguments, so the backend's real construction path runs without vLLM.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import types
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,10 +41,11 @@ from distill_detect.backends.vllm import (
     VLLMBackend,
     continuation_logprobs,
     prompt_fields_from,
+    prompt_logprob_token_cap,
     sampling_kwargs,
     trace_from_output,
 )
-from distill_detect.errors import ConfigError, DistillDetectError
+from distill_detect.errors import ConfigError, DistillDetectError, InputError
 from distill_detect.prompts import Prompt
 from distill_detect.types import Question
 
@@ -164,11 +183,36 @@ def test_continuation_positions():
 # -- the backend on a torch stand-in for vllm.LLM ------------------------------------------------
 
 
-class TorchLLM:
-    """``vllm.LLM.generate`` semantics on a transformers model, by full recomputation (no cache)."""
+class EngineCore:
+    """Records ``shutdown()`` as vLLM V1's engine-core client has it."""
 
-    def __init__(self, model, tok):
-        self.model, self.tok, self.calls = model, tok, []
+    def __init__(self, log):
+        self.log = log
+
+    def shutdown(self):
+        self.log.append("engine_core.shutdown")
+
+
+class TorchLLM:
+    """``vllm.LLM.generate`` semantics on a transformers model, by full recomputation (no cache).
+
+    ``generation_eos``: the generation config's ``eos_token_id`` (default: the model's own),
+    where this engine stops whatever ``stop_token_ids`` says. ``flat``: FlatLogprobs containers.
+    """
+
+    def __init__(self, model, tok, *, generation_eos="model", flat=False, max_model_len=1024, dtype="float32"):
+        self.model, self.tok, self.calls, self.log, self.flat = model, tok, [], [], flat
+        if generation_eos == "model":
+            generation_eos = model.generation_config.eos_token_id
+        self.generation_config = {} if generation_eos is None else {"eos_token_id": generation_eos}
+        self.llm_engine = types.SimpleNamespace(
+            model_config=types.SimpleNamespace(
+                dtype=f"torch.{dtype}",
+                max_model_len=max_model_len,
+                try_get_generation_config=lambda: dict(self.generation_config),
+            ),
+            engine_core=EngineCore(self.log),
+        )
 
     def get_tokenizer(self):
         return self.tok
@@ -179,35 +223,50 @@ class TorchLLM:
         with torch.inference_mode():
             return torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
 
+    def _stops(self, params) -> set:
+        """What vLLM stops at: the tokenizer's EOS, the generation config's EOS ids, and stop_token_ids."""
+        eos = self.generation_config.get("eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return {self.tok.eos_token_id, *eos, *(params.stop_token_ids or [])}
+
+    def _container(self):
+        return FlatLogprobs() if self.flat else []
+
     def generate(self, prompts, params, use_tqdm=True):
         assert params.temperature == 0.0 and params.n == 1
         self.calls.append(params)
+        stops = self._stops(params)
         outs = []
         for k, p in enumerate(prompts):
             ids = list(p["prompt_token_ids"])
+            assert len(ids) <= self.llm_engine.model_config.max_model_len, "vLLM would fail the whole batch here"
             logp = self._logp(ids)
             pl = None
             if params.prompt_logprobs is not None:
-                pl = [None] + [{ids[j]: Logprob(float(logp[j - 1, ids[j]]), None, None)} for j in range(1, len(ids))]
-            toks, lps, finish = [], [], "length"
+                pl = self._container()
+                pl.append(None)  # the first prompt position has no log-prob (an empty position when flat)
+                for j in range(1, len(ids)):
+                    pl.append({ids[j]: Logprob(float(logp[j - 1, ids[j]]), None, None)})
+            toks, lps, finish = [], self._container(), "length"
             while len(toks) < params.max_tokens:
                 row = logp[-1]
                 nxt = int(row.argmax())
                 toks.append(nxt)
                 lps.append({nxt: Logprob(float(row[nxt]), 1, self.tok.decode([nxt]))})
-                if nxt in (params.stop_token_ids or []):
+                if nxt in stops:
                     finish = "stop"
                     break
                 logp = self._logp(ids + toks)
-            text = self.tok.decode(toks, skip_special_tokens=True)
+            shown = toks[:-1] if finish == "stop" else toks  # the stop token is not detokenized
+            text = self.tok.decode(shown, skip_special_tokens=params.skip_special_tokens)
             comp = CompletionOutput(0, text, toks, None, lps if params.logprobs is not None else None, finish)
             outs.append(RequestOutput(str(k), None, ids, pl, [comp]))
         return outs
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_backend):
-    vb = VLLMBackend(llm=TorchLLM(tiny_backend.model, tiny_backend.tok), sampling_params_cls=SamplingParams)
+@pytest.fixture(scope="module", params=[False, True], ids=["lists", "flat"])
+def pair(tiny_backend, request):
+    vb = VLLMBackend(llm=TorchLLM(tiny_backend.model, tiny_backend.tok, flat=request.param), sampling_params_cls=SamplingParams)
     return vb, tiny_backend
 
 
@@ -216,6 +275,7 @@ QS = [Question(id=f"v{i}", text=t) for i, t in enumerate(["What is 2+3?", "Name 
 
 def test_vllm_backend_matches_hf(pair):
     vb, hf = pair
+    assert vb.stop_ids == hf.stop_ids and vb.fingerprint()["stop_ids"] == hf.fingerprint()["stop_ids"]
     a = vb.generate(QS, max_new_tokens=8)
     b = hf.generate(QS, max_new_tokens=8)
     for x, y in zip(a, b):
@@ -257,3 +317,195 @@ def test_without_vllm_the_error_names_the_extra():
 
     with pytest.raises(MissingDependencyError, match=r"distill-detect\[vllm\]"):
         VLLMBackend("default")
+
+
+# -- what real vLLM does that a naive stand-in would not ---------------------------------------------
+
+
+def _first_tokens(tiny_backend, n=6):
+    return tiny_backend.generate(QS[:1], max_new_tokens=n)[0].output_ids.tolist()
+
+
+def test_generation_config_eos_is_a_stop_id_and_leaves_the_text(tiny_backend):
+    """vLLM also stops at the generation config's EOS ids: stop_ids (and the fingerprint) must say so,
+    and the stop token is kept in the ids but not in the text."""
+    first = _first_tokens(tiny_backend)
+    target = first[2]
+    assert target not in first[:2]
+    eos = tiny_backend.tok.eos_token_id
+    llm = TorchLLM(tiny_backend.model, tiny_backend.tok, generation_eos=[eos, target])
+    vb = VLLMBackend(llm=llm, sampling_params_cls=SamplingParams)
+    assert target in vb.stop_ids and target in vb.fingerprint()["stop_ids"]
+    [t] = vb.generate(QS[:1], max_new_tokens=6)
+    assert t.output_ids.tolist() == first[:3] and t.finish_reason == "stop"
+    assert t.output_text == tiny_backend.tok.decode(first[:2], skip_special_tokens=True)
+    # The HF backend with the same generation config stops at the same token with the same text.
+    old = tiny_backend.model.generation_config.eos_token_id
+    try:
+        tiny_backend.model.generation_config.eos_token_id = [eos, target]
+        from distill_detect.backends.base import stop_token_ids
+
+        hf_stops = stop_token_ids(tiny_backend.tok, tiny_backend.model.generation_config.eos_token_id)
+    finally:
+        tiny_backend.model.generation_config.eos_token_id = old
+    assert hf_stops == vb.stop_ids
+    saved = tiny_backend.stop_ids
+    try:
+        tiny_backend.stop_ids = hf_stops
+        [h] = tiny_backend.generate(QS[:1], max_new_tokens=6)
+    finally:
+        tiny_backend.stop_ids = saved
+    assert h.output_ids.tolist() == t.output_ids.tolist() and h.output_text == t.output_text
+
+
+def test_flat_first_prompt_position_is_empty_not_none():
+    """FlatLogprobs' first prompt position is an empty position: reading it is 'no log-probs', not a KeyError."""
+    flat = FlatLogprobs()
+    flat.append(None)
+    for j in (11, 12):
+        flat.append({j: Logprob(-0.5)})
+    assert len(flat[0]) == 0
+    p = Prompt(text="x", ids=[10, 11, 12], question_span=(0, 2))
+    with pytest.raises(DistillDetectError, match="no log-probabilities for prompt token 0"):
+        prompt_fields_from(p, flat)
+    p = Prompt(text="x", ids=[10, 11, 12], question_span=(1, 3))
+    np.testing.assert_allclose(prompt_fields_from(p, flat)["prompt_logprobs"], [-0.5, -0.5])
+
+
+def test_score_past_the_model_length_names_the_question(tiny_backend):
+    llm = TorchLLM(tiny_backend.model, tiny_backend.tok, max_model_len=64)
+    vb = VLLMBackend(llm=llm, sampling_params_cls=SamplingParams)
+    assert vb.context == 64
+    short, long = np.arange(5, 10), np.arange(5, 70)
+    with pytest.raises(InputError, match=r"^v1: .*prompt and continuation is \d+ tokens, the model's context is 64"):
+        vb.score(QS[:2], [short, long])
+    assert llm.calls == []  # refused before anything reached the engine
+    assert len(vb.score(QS[:1], [short])[0]) == 5
+
+
+def test_device_index_is_refused_with_the_fix(tiny_backend):
+    make = lambda device: VLLMBackend(  # noqa: E731
+        device=device, llm=TorchLLM(tiny_backend.model, tiny_backend.tok), sampling_params_cls=SamplingParams
+    )
+    with pytest.raises(ConfigError, match=r"CUDA_VISIBLE_DEVICES=1 and --device cuda$"):
+        make("cuda:1")
+    for ok in ("auto", "cuda", "cuda:0"):
+        assert make(ok).fingerprint()["device"] == "cuda"
+
+
+def test_close_shuts_the_engine_down(tiny_backend, monkeypatch):
+    """close() stops the engine core, drops the last reference, collects it, destroys vLLM's
+    distributed state and empties the CUDA cache, in that order; a second close is a no-op."""
+    import gc
+
+    import torch
+
+    import distill_detect.backends.vllm as vmod
+
+    log: list[str] = []
+    real_collect = gc.collect
+    parallel_state = types.ModuleType("vllm.distributed.parallel_state")
+    parallel_state.destroy_model_parallel = lambda: log.append("destroy_model_parallel")
+    parallel_state.destroy_distributed_environment = lambda: log.append("destroy_distributed_environment")
+    distributed = types.ModuleType("vllm.distributed")
+    distributed.parallel_state = parallel_state
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed", distributed)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", parallel_state)
+    monkeypatch.setattr(vmod.gc, "collect", lambda *a: (log.append("gc.collect"), real_collect())[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: log.append("torch.cuda.empty_cache"))
+
+    llm = TorchLLM(tiny_backend.model, tiny_backend.tok)
+    llm.log = log
+    llm.llm_engine.engine_core.log = log
+    alive = weakref.ref(llm)
+    vb = VLLMBackend(llm=llm, sampling_params_cls=SamplingParams)
+    del llm
+    vb.close()
+    assert log == [
+        "engine_core.shutdown",
+        "gc.collect",
+        "destroy_model_parallel",
+        "destroy_distributed_environment",
+        "torch.cuda.empty_cache",
+    ]
+    assert alive() is None, "the engine must be unreachable once closed"
+    vb.close()
+    assert len(log) == 5
+    with pytest.raises(DistillDetectError, match="closed"):
+        vb.generate(QS[:1], max_new_tokens=2)
+
+
+def test_close_survives_a_version_without_those_hooks(tiny_backend):
+    llm = TorchLLM(tiny_backend.model, tiny_backend.tok)
+    del llm.llm_engine.engine_core
+    vb = VLLMBackend(llm=llm, sampling_params_cls=SamplingParams)
+    vb.close()  # no engine_core, no vllm.distributed, CPU torch: nothing raises
+    assert vb.llm is None
+
+
+# -- the engine arguments, through the real construction path with a stand-in vllm module ------------
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch, tiny_backend):
+    """A module named vllm whose LLM records its keyword arguments and answers with TorchLLM."""
+    built: list[dict] = []
+
+    class LLM(TorchLLM):
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+            super().__init__(tiny_backend.model, tiny_backend.tok, dtype=kwargs["dtype"])
+
+    @dataclass
+    class EngineArgs:
+        model: str = ""
+        logprobs_mode: str = "raw_logprobs"
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams, vllm.__version__ = LLM, SamplingParams, "0.11.0-stand-in"
+    engine = types.ModuleType("vllm.engine")
+    arg_utils = types.ModuleType("vllm.engine.arg_utils")
+    arg_utils.EngineArgs = EngineArgs
+    engine.arg_utils = arg_utils
+    vllm.engine = engine
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.engine", engine)
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
+    assert dataclasses.is_dataclass(EngineArgs)
+    return built
+
+
+def test_engine_kwargs_no_prefix_cache_capped_batch_explicit_dtype(fake_vllm, tiny_dir):
+    vb = VLLMBackend(str(tiny_dir))
+    [kw] = fake_vllm
+    vocab = tiny_backend_vocab(tiny_dir)
+    assert kw["model"] == str(tiny_dir.resolve())
+    assert kw["enable_prefix_caching"] is False
+    assert kw["max_num_batched_tokens"] == prompt_logprob_token_cap(vocab) and kw["max_num_seqs"] <= kw["max_num_batched_tokens"]
+    assert kw["logprobs_mode"] == "raw_logprobs"
+    # 'auto' never reaches vLLM: the tiny checkpoint is float32, so on a GPU the shared rule gives bfloat16
+    # (vLLM's own 'auto' would have picked float16), and the fingerprint records it.
+    assert kw["dtype"] == "bfloat16" and vb.fingerprint()["dtype"] == "bfloat16"
+    assert vb.fingerprint()["versions"] == {"vllm": "0.11.0-stand-in"} and vb.location == str(tiny_dir.resolve())
+    VLLMBackend(str(tiny_dir), dtype="float32", prompt_logprobs=False)
+    kw = fake_vllm[-1]
+    assert kw["dtype"] == "float32" and "max_num_batched_tokens" not in kw and kw["enable_prefix_caching"] is False
+
+
+def tiny_backend_vocab(tiny_dir) -> int:
+    import json
+
+    return json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
+
+
+def test_prompt_logprob_cap_fits_the_budget():
+    from distill_detect.backends.vllm import PROMPT_LOGITS_BUDGET
+
+    for vocab in (32000, 128256, 152064, 262144):
+        cap = prompt_logprob_token_cap(vocab)
+        assert cap % 256 == 0 and cap >= 512
+        assert cap * vocab * 8 <= PROMPT_LOGITS_BUDGET or cap == 512
+    # The issue's case: 8192 prompt tokens x a 152k vocabulary took ~7.5 GiB that vLLM's profiling did not count.
+    assert prompt_logprob_token_cap(152064) < 2048

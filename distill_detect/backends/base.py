@@ -17,26 +17,137 @@ store refuses to mix traces from different fingerprints in one run.
 ``capabilities`` says which trace fields the backend can fill, so the CLI can refuse a
 method with a reason before any model time is spent (an API without prompt log-probs
 cannot run the input-likelihood baselines).
+
+What the backends share lives here, once: the precision rule (``resolve_dtype``), the
+device check (``resolve_device``), the tokens a turn stops at (``stop_token_ids``), CPU
+threads (``cpu_threads``), prompt building with the length policy (``Backend.build_prompts``)
+and the fingerprint's common fields (``Backend.base_fingerprint``). A backend's own CLI
+options are declared next to its constructor (``Backend.cli_options``).
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
 
-from distill_detect.errors import InputError
+from distill_detect.errors import ConfigError, DistillDetectError, InputError
 from distill_detect.types import Question, Trace
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 """End-of-turn tokens of common chat templates; decoding stops at any of them that the vocabulary has."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""The precisions a backend can be asked for (``--dtype``), besides 'auto'."""
+
+
+def resolve_dtype(requested: str | None, device_type: str, config_torch_dtype=None) -> str:
+    """The one precision rule of every backend: what ``--dtype`` means on ``device_type``.
+
+    An explicit float32/bfloat16/float16 is taken as given. 'auto' (or None) is float32 on
+    the CPU; on a GPU it is the checkpoint's own half precision (``torch_dtype`` in its
+    config.json) when that is bfloat16 or float16, else bfloat16 (a float32 or unknown
+    checkpoint: vLLM's own 'auto' would pick float16 here, whose range overflows on some
+    models). Backends pass the result explicitly (vLLM never sees 'auto') and record it in
+    the fingerprint, so 'auto' cannot mean two precisions in two backends.
+
+    >>> resolve_dtype("auto", "cpu", "bfloat16"), resolve_dtype("auto", "cuda", "float32")
+    ('float32', 'bfloat16')
+    >>> resolve_dtype(None, "cuda", "torch.float16"), resolve_dtype("float32", "cuda", "bfloat16")
+    ('float16', 'float32')
+    """
+    if requested not in (None, "auto"):
+        if requested not in DTYPES:
+            raise ConfigError(f"--dtype {requested!r}: choose auto, {', '.join(DTYPES)}")
+        return requested
+    if device_type == "cpu":
+        return "float32"
+    own = str(config_torch_dtype or "").replace("torch.", "")
+    return own if own in ("bfloat16", "float16") else "bfloat16"
+
+
+def resolve_device(requested: str | None, torch=None) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; a CUDA device that cannot work is a ConfigError.
+
+    ``torch`` is the imported module (None: import it). The message says what is missing and
+    the fix, instead of torch's 'Torch not compiled with CUDA enabled' traceback.
+    """
+    if torch is None:
+        import torch
+    device = str(requested or "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda"):
+        return device
+    if not torch.cuda.is_available():
+        if getattr(torch.version, "cuda", None) is None:
+            raise ConfigError(
+                f"--device {device}: this torch build has no CUDA (torch {torch.__version__}); use --device cpu, "
+                "or install a CUDA build of torch"
+            )
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
+        raise ConfigError(f"--device {device}: torch {torch.__version__} sees no GPU{where}; use --device cpu")
+    index = device.partition(":")[2]
+    if index:
+        n = torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= n:
+            raise ConfigError(f"--device {device}: torch sees {n} GPU(s) (cuda:0 .. cuda:{n - 1})")
+    return device
+
+
+def stop_token_ids(tok, generation_eos=None) -> set[int]:
+    """Token ids a turn ends at: the tokenizer's EOS, the generation config's EOS ids, and the
+    end-of-turn tokens of ``END_OF_TURN`` that the vocabulary has.
+
+    The same set for every backend that has a transformers tokenizer; it is what vLLM itself
+    stops at (the tokenizer's EOS and the generation config's ``eos_token_id``, besides the
+    ``stop_token_ids`` it is given), so the fingerprint's ``stop_ids`` are the real ones.
+    ``generation_eos``: an int, a list of ints or None (``generation_config.eos_token_id``).
+    """
+    ids: set[int] = set()
+    for src in (getattr(tok, "eos_token_id", None), generation_eos):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    vocab = tok.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return ids
+
+
+def require_stop_ids(ids: set[int], what: str = "the tokenizer") -> set[int]:
+    """``ids``, or the error saying that a turn's end cannot be recognised."""
+    if not ids:
+        raise DistillDetectError(f"{what} defines no EOS or end-of-turn token; cannot tell when a turn ends")
+    return ids
+
+
+def cpu_threads(n_threads: int | None) -> int:
+    """CPU threads to use: ``n_threads``, else every core this process may run on."""
+    if n_threads is not None:
+        if int(n_threads) < 1:
+            raise ConfigError(f"--threads {n_threads}: give a positive number of CPU threads")
+        return int(n_threads)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 class Backend(ABC):
     name: str = "base"
     capabilities: frozenset = frozenset()
     """Subset of {'output_logprobs', 'output_stats', 'prompt_logprobs', 'prompt_stats', 'score'}."""
+    cli_options: dict = {}
+    """This backend's own CLI options: {argparse dest: constructor keyword} (the common ones,
+    model/dtype/device/system prompt/prompt log-probs/remote code, are passed to every backend)."""
+
+    system_prompt: str | None = None
+    want_prompt_logprobs: bool = False
+    tok = None
 
     @abstractmethod
     def fingerprint(self) -> dict:
@@ -58,12 +169,46 @@ class Backend(ABC):
     context: int | None = None
     """The model's context length in tokens, when known (prompts that fill it are refused)."""
 
-    def _check_length(self, q: Question, n: int) -> None:
-        """Policy for over-long questions: refuse with the question's id rather than truncate silently."""
+    def setup_common(self, *, identity: dict, location: str | None, system_prompt: str | None, prompt_logprobs: bool) -> None:
+        """The attributes every backend sets from the common constructor arguments."""
+        self.identity = dict(identity)
+        self.location = location
+        self.system_prompt = system_prompt
+        self.want_prompt_logprobs = bool(prompt_logprobs)
+
+    def base_fingerprint(self, *, dtype: str, device: str, versions: dict, template, stop_ids) -> dict:
+        """The fields every local backend's fingerprint has, in one place."""
+        return {
+            "backend": self.name,
+            "model": dict(self.identity),
+            "dtype": dtype,
+            "device": device,
+            "versions": dict(versions),
+            "template": template,
+            "system_prompt": self.system_prompt,
+            "decoding": "greedy",
+            "stop_ids": sorted(int(i) for i in stop_ids),
+        }
+
+    def build_prompts(self, questions: Sequence[Question], extra: Sequence[int] | None = None) -> list:
+        """``prompts.build_prompt`` for each question with this backend's tokenizer and system turn,
+        refusing (``_check_length``) a prompt, plus ``extra[i]`` tokens to be scored after it, that
+        does not fit the context."""
+        from distill_detect.prompts import build_prompt
+
+        prompts = [build_prompt(self.tok, q.text, self.system_prompt) for q in questions]
+        for i, (q, p) in enumerate(zip(questions, prompts)):
+            more = int(extra[i]) if extra is not None else 0
+            self._check_length(q, len(p.ids) + more, what="prompt and continuation" if more else "prompt")
+        return prompts
+
+    def _check_length(self, q: Question, n: int, what: str = "prompt") -> None:
+        """Policy for over-long questions: refuse with the question's id rather than truncate silently
+        (or, in a batched engine, fail the whole batch with an error that names no question)."""
         if self.context and n >= self.context:
             raise InputError(
                 q.id,
-                f"prompt is {n} tokens, the model's context is {self.context}; shorten or drop this question",
+                f"{what} is {n} tokens, the model's context is {self.context}; shorten or drop this question",
                 field="question",
             )
 

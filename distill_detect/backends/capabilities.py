@@ -196,45 +196,28 @@ def add_backend_args(p, *, shard: bool = False) -> None:
         )
 
 
-_EXTRA_ARGS = {
-    "hf": {"threads": "n_threads", "fused": "fused"},
-    "llamacpp": {"threads": "n_threads"},
-    "openai": {
-        "base_url": "base_url",
-        "api_key_env": "api_key_env",
-        "endpoint": "endpoint",
-        "tokenizer": "tokenizer",
-        "concurrency": "concurrency",
-        "extra_body": "extra_body",
-    },
-    "vllm": {
-        "tensor_parallel_size": "tensor_parallel_size",
-        "gpu_memory_utilization": "gpu_memory_utilization",
-        "max_model_len": "max_model_len",
-    },
-}
-
-
 def backend_kwargs(name: str, args, base: dict) -> dict:
     """Constructor arguments for backend ``name``: ``base`` (the common ones) filtered to what its
-    ``__init__`` accepts, plus its own options from ``args``."""
+    ``__init__`` accepts, plus its own options from ``args`` (``cls.cli_options``: argparse dest ->
+    keyword, declared next to the constructor that takes them)."""
     from distill_detect.backends import get_backend_class
+    from distill_detect.backends.base import cpu_threads
 
     cls = get_backend_class(name)
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     out = {k: v for k, v in base.items() if takes_any or k in params}
-    for arg, kw in _EXTRA_ARGS.get(name, {}).items():
+    for arg, kw in getattr(cls, "cli_options", {}).items():
         value = getattr(args, arg, None)
-        if arg == "extra_body" and value is not None:
+        if arg == "extra_body" and isinstance(value, str):  # the CLI's JSON text (settings may pass a dict)
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"--extra-body {value!r}: not valid JSON ({exc.msg})") from None
             if not isinstance(value, dict):
                 raise ConfigError("--extra-body must be a JSON object, e.g. '{\"repeat_penalty\": 1.0}'")
-        if arg == "threads" and value is not None and value < 1:
-            raise ConfigError(f"--threads {value}: give a positive number of CPU threads")
+        if arg == "threads" and value is not None:
+            value = cpu_threads(value)  # refuses 0 and negatives, naming --threads
         if value is not None:
             out[kw] = value
     return out

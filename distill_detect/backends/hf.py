@@ -28,9 +28,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distill_detect.backends.base import END_OF_TURN, Backend
+from distill_detect.backends.base import Backend, cpu_threads, require_stop_ids, stop_token_ids
 from distill_detect.errors import DistillDetectError, require
-from distill_detect.prompts import build_prompt, template_hash
+from distill_detect.prompts import template_hash
 from distill_detect.types import Question, Trace
 
 
@@ -274,6 +274,7 @@ class _FusedRun:
 class HFBackend(Backend):
     name = "hf"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
+    cli_options = {"threads": "n_threads", "fused": "fused"}
     _narrow_prefill = True  # project only the read positions of the prefill (False: all; for benchmarks/speed.py)
     _use_fused = True  # the lean forward of backends/fused.py where supported (False: transformers' modules)
     _compact_every = 8  # finished rows leave the batch once they are 1/8 of it (copying the cache costs)
@@ -300,14 +301,14 @@ class HFBackend(Backend):
         """
         self.torch = require("torch", "hf", "The HF backend")
         if n_threads is not None:
-            self.torch.set_num_threads(int(n_threads))
+            self.torch.set_num_threads(cpu_threads(n_threads))
         transformers = require("transformers", "hf", "The HF backend")
         if loaded is not None:
             self.model, self.tok, identity = loaded
             self.model.eval()
             self.dtype = str(self.model.dtype).replace("torch.", "")
             self.device = str(self.model.device)
-            self.location = getattr(self.model, "name_or_path", None)
+            location = getattr(self.model, "name_or_path", None)
         else:
             from distill_detect.models import load_hf, resolve_model
 
@@ -315,9 +316,8 @@ class HFBackend(Backend):
             self.model, self.tok, self.dtype, self.device = load_hf(
                 ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code
             )
-            identity = ref.identity
-            self.location = ref.location
-        self.identity = identity
+            identity, location = ref.identity, ref.location
+        self.setup_common(identity=identity, location=location, system_prompt=system_prompt, prompt_logprobs=prompt_logprobs)
         if str(self.device).startswith("cpu"):
             _column_major_linears(self.model)
         self._fused = None
@@ -329,9 +329,7 @@ class HFBackend(Backend):
                 self._fused = FusedLlama(self.model)
             elif fused:
                 raise DistillDetectError(f"fused decoding was asked for, but {why}")
-        self.system_prompt = system_prompt
-        self.want_prompt_logprobs = prompt_logprobs
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = require_stop_ids(stop_token_ids(self.tok, getattr(self.model.generation_config, "eos_token_id", None)))
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else sorted(self.stop_ids)[0]
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self._versions = {"torch": self.torch.__version__, "transformers": transformers.__version__}
@@ -341,31 +339,14 @@ class HFBackend(Backend):
 
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
-    def _stop_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for src in (self.tok.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(int(x) for x in src)
-        vocab = self.tok.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
-        if not ids:
-            raise DistillDetectError("the tokenizer defines no EOS or end-of-turn token; cannot tell when a turn ends")
-        return ids
-
     def fingerprint(self) -> dict:
-        return {
-            "backend": self.name,
-            "model": dict(self.identity),
-            "dtype": self.dtype,
-            "device": self.device.split(":")[0],
-            "versions": dict(self._versions),
-            "template": self._template,
-            "system_prompt": self.system_prompt,
-            "decoding": "greedy",
-            "stop_ids": sorted(self.stop_ids),
-        }
+        return self.base_fingerprint(
+            dtype=self.dtype,
+            device=self.device.split(":")[0],
+            versions=self._versions,
+            template=self._template,
+            stop_ids=self.stop_ids,
+        )
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -443,9 +424,7 @@ class HFBackend(Backend):
 
     def generate(self, questions: Sequence[Question], *, max_new_tokens: int) -> list[Trace]:
         torch = self.torch
-        prompts = [build_prompt(self.tok, q.text, self.system_prompt) for q in questions]
-        for q, p in zip(questions, prompts):
-            self._check_length(q, len(p.ids))
+        prompts = self.build_prompts(questions)
         ids, mask, pos = self._left_pad([p.ids for p in prompts])
         B, L = ids.shape
         steps = max_new_tokens if not self.context else max(1, min(max_new_tokens, self.context - L))
@@ -525,7 +504,8 @@ class HFBackend(Backend):
                     output_logprobs=vals_np[0, i, :n],
                     output_mean_logp=vals_np[1, i, :n],
                     output_std_logp=vals_np[2, i, :n],
-                    output_text=self.tok.decode(tk.tolist(), skip_special_tokens=True),
+                    # The stop token is kept in the ids but not in the text (as vLLM does).
+                    output_text=self.tok.decode(tk[: n - 1 if finish[i] == "stop" else n].tolist(), skip_special_tokens=True),
                     finish_reason=finish[i],
                     max_new_tokens=max_new_tokens,
                     **prompt_fields[i],
@@ -536,9 +516,7 @@ class HFBackend(Backend):
     def score_prompts(self, questions: Sequence[Question]) -> list[dict]:
         """Teacher-forced question-token fields (prompt_ids, prompt_logprobs, prompt_mean_logp, prompt_std_logp)."""
         torch = self.torch
-        prompts = [build_prompt(self.tok, q.text, self.system_prompt) for q in questions]
-        for q, p in zip(questions, prompts):
-            self._check_length(q, len(p.ids))
+        prompts = self.build_prompts(questions)
         ids, mask, pos = self._left_pad([p.ids for p in prompts])
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
@@ -546,10 +524,8 @@ class HFBackend(Backend):
 
     def score(self, questions: Sequence[Question], continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
         torch = self.torch
-        prompts = [build_prompt(self.tok, q.text, self.system_prompt) for q in questions]
+        prompts = self.build_prompts(questions, [len(c) for c in continuations])
         seqs = [p.ids + [int(t) for t in c] for p, c in zip(prompts, continuations)]
-        for q, s in zip(questions, seqs):
-            self._check_length(q, len(s))
         ids, mask, pos = self._left_pad(seqs)
         L = ids.shape[1]
         res = []
@@ -567,4 +543,10 @@ class HFBackend(Backend):
         return res
 
     def close(self) -> None:
-        self.model = None
+        """Drop the model and, on a GPU, hand its cached memory back (so the next model fits)."""
+        self.model = self._fused = None
+        import gc
+
+        gc.collect()
+        if str(getattr(self, "device", "")).startswith("cuda"):
+            self.torch.cuda.empty_cache()

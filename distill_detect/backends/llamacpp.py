@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill_detect.backends.base import END_OF_TURN, Backend
+from distill_detect.backends.base import END_OF_TURN, Backend, cpu_threads, require_stop_ids
 from distill_detect.errors import ConfigError, DistillDetectError, require
 from distill_detect.types import Question, Trace
 
@@ -162,6 +162,7 @@ class GGUFTokenizer:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
+    cli_options = {"threads": "n_threads"}
 
     def __init__(
         self,
@@ -181,11 +182,7 @@ class LlamaCppBackend(Backend):
         if device not in ("auto", "cpu", None):
             raise ConfigError(f"--device {device!r}: the llamacpp backend runs on the CPU; use --backend hf for a GPU")
         self.path = resolve_gguf(model)
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            cores = os.cpu_count() or 1
-        self.n_threads = int(n_threads or cores)
+        self.n_threads = cpu_threads(n_threads)
         try:
             # This context is only for tokenising; decoding uses contexts sized per batch (below).
             self.llm = self.lc.Llama(
@@ -193,10 +190,11 @@ class LlamaCppBackend(Backend):
             )
         except (ValueError, RuntimeError) as exc:
             raise DistillDetectError(f"llama.cpp could not load {self.path} ({exc})") from None
-        self.system_prompt = system_prompt
-        self.want_prompt_logprobs = prompt_logprobs
-        self.location = str(self.path)
         meta = self.llm.metadata
+        identity = {"name": meta.get("general.name") or self.path.name, "gguf_sha256": gguf_sha256(self.path)}
+        self.setup_common(
+            identity=identity, location=str(self.path), system_prompt=system_prompt, prompt_logprobs=prompt_logprobs
+        )
         self.template = meta.get("tokenizer.chat_template")
         if not self.template:
             raise ConfigError(f"{self.path} has no chat template (tokenizer.chat_template); distill-detect audits chat models")
@@ -208,7 +206,6 @@ class LlamaCppBackend(Backend):
         self.stop_ids = self._stop_ids()
         probe = _render(self.template, "\x00QUESTION\x00", system_prompt, self._bos, self._eos)
         self._template_hash = hashlib.sha256((self.template + "\n" + probe).encode()).hexdigest()[:16]
-        self.identity = {"name": meta.get("general.name") or self.path.name, "gguf_sha256": gguf_sha256(self.path)}
         self.file_type = self._file_type(meta.get("general.file_type"))
         self._ctx = None
         self._ctx_shape = (0, 0)  # (sequences, positions per sequence)
@@ -235,9 +232,7 @@ class LlamaCppBackend(Backend):
             toks = self.llm.tokenize(text.encode(), add_bos=False, special=True)
             if len(toks) == 1 and self._piece(toks[0]) == text:
                 ids.add(int(toks[0]))
-        if not ids:
-            raise DistillDetectError(f"{self.path} defines no EOS or end-of-turn token; cannot tell when a turn ends")
-        return ids
+        return require_stop_ids(ids, str(self.path))
 
     @staticmethod
     def _file_type(code) -> str:
@@ -288,17 +283,13 @@ class LlamaCppBackend(Backend):
         return ids, (max(inside[0], 1), inside[-1] + 1)
 
     def fingerprint(self) -> dict:
-        return {
-            "backend": self.name,
-            "model": dict(self.identity),
-            "dtype": self.file_type,
-            "device": "cpu",
-            "versions": {"llama_cpp_python": getattr(self.lc, "__version__", "unknown")},
-            "template": self._template_hash,
-            "system_prompt": self.system_prompt,
-            "decoding": "greedy",
-            "stop_ids": sorted(self.stop_ids),
-        }
+        return self.base_fingerprint(
+            dtype=self.file_type,
+            device="cpu",
+            versions={"llama_cpp_python": getattr(self.lc, "__version__", "unknown")},
+            template=self._template_hash,
+            stop_ids=self.stop_ids,
+        )
 
     # -- the llama.cpp context ---------------------------------------------------------------------
 

@@ -39,8 +39,10 @@ evaluated prefix of the previous request (the shared system prompt), and its qua
 kernels round differently for other batch splits: the same request gave log-probs up to
 0.14 apart in our tests (tokens identical). vLLM's prefix caching has the same effect.
 
-Transient failures (HTTP 408/409/429/5xx, timeouts, dropped connections, truncated or
-malformed JSON bodies) are retried with capped exponential backoff and jitter; other
+Transient failures are retried: HTTP 408/409/429/5xx, timeouts and dropped connections by
+the openai client's own policy (``max_retries``: exponential backoff with jitter, honouring
+``Retry-After``), and a 200 answer whose JSON body is truncated or malformed, which the
+client does not retry, by a small retry here (tenacity, ``backoff``/``max_backoff``). Other
 errors (400, 401, 404) fail at once. The API key is read from an environment variable
 (``api_key_env``, default ``OPENAI_API_KEY``) and is never stored in the fingerprint,
 printed or logged. Requests are sent ``concurrency`` at a time (threads).
@@ -53,10 +55,8 @@ server docs (``prompt_logprobs``, ``return_tokens_as_token_ids``).
 from __future__ import annotations
 
 import os
-import random
 import re
 import threading
-import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +64,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from distill_detect.backends.base import Backend
+from distill_detect.backends.base import Backend, stop_token_ids
 from distill_detect.errors import ConfigError, DistillDetectError, require
 from distill_detect.types import Question, Trace
 
@@ -79,8 +79,8 @@ class ServerError(DistillDetectError):
     """The server kept failing (after retries) or refused the request."""
 
 
-class _Transient(Exception):
-    """A failure worth retrying (status, timeout, dropped connection, bad body)."""
+class _BadBody(Exception):
+    """A 200 answer whose JSON body is truncated or malformed (worth asking again)."""
 
 
 def _clean_url(url: str) -> str:
@@ -100,6 +100,14 @@ class OpenAIBackend(Backend):
         "prompt_logprobs": "on /v1/completions when the server echoes prompt log-probabilities (echo + logprobs: vLLM, llama-cpp-python)",
     }
     """Capabilities that depend on the server or the local tokenizer (checked at start-up)."""
+    cli_options = {
+        "base_url": "base_url",
+        "api_key_env": "api_key_env",
+        "endpoint": "endpoint",
+        "tokenizer": "tokenizer",
+        "concurrency": "concurrency",
+        "extra_body": "extra_body",
+    }
 
     def __init__(
         self,
@@ -129,6 +137,7 @@ class OpenAIBackend(Backend):
         llama.cpp), part of the fingerprint. ``client``: an ``openai.OpenAI`` to use (tests).
         """
         openai = require("openai", "openai", "The openai backend")
+        self._tenacity = require("tenacity", "openai", "The openai backend")
         if not base_url:
             raise ConfigError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
         if endpoint not in ("completions", "chat"):
@@ -152,7 +161,8 @@ class OpenAIBackend(Backend):
         self._api_key_env = api_key_env
         # Local servers need no key; the client insists on a non-empty string.
         key = os.environ.get(api_key_env) or "no-key"
-        self._client = client or openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout)
+        # HTTP-level retries are the client's own (408/409/429/5xx, timeouts, dropped connections).
+        self._client = client or openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout)
         del key
         self.model_name = self._resolve_model(model)
         self.tok = self._load_tokenizer(tokenizer, model)
@@ -167,7 +177,7 @@ class OpenAIBackend(Backend):
             from distill_detect.prompts import template_hash
 
             self._template = template_hash(self.tok, system_prompt)
-            self.stop_ids = _stop_ids(self.tok)
+            self.stop_ids = stop_token_ids(self.tok)
         self._piece_map: dict[str, int] | None = None
         self._piece_lock = threading.Lock()
         self._warned_ids = False
@@ -238,32 +248,40 @@ class OpenAIBackend(Backend):
     # -- HTTP with retries -------------------------------------------------------------------------
 
     def _call(self, fn):
-        """Run ``fn`` (one request) with retries on transient failures; errors never show the key."""
+        """Run ``fn`` (one request through the client, which retries transient HTTP failures itself);
+        a malformed body is asked for again up to ``max_retries`` times. Errors never show the key."""
+        tenacity = self._tenacity
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_BadBody),
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            wait=tenacity.wait_random_exponential(multiplier=self.backoff, max=self.max_backoff),
+            reraise=True,
+        )
+        try:
+            return retrying(self._call_once, fn)
+        except _BadBody as exc:
+            raise ServerError(f"{self.base_url} kept failing ({exc}) after {self.max_retries + 1} attempts") from None
+
+    def _call_once(self, fn):
+        """One request; the client's exceptions become ServerError/_BadBody with a message for the user."""
         oa = self._openai
-        for attempt in range(self.max_retries + 1):
-            try:
-                try:
-                    return fn()
-                except (oa.APITimeoutError, oa.APIConnectionError) as exc:
-                    raise _Transient(type(exc).__name__) from None
-                except oa.APIStatusError as exc:
-                    code = exc.status_code
-                    if code in (408, 409, 429) or code >= 500:
-                        raise _Transient(f"HTTP {code}") from None
-                    if code in (401, 403):
-                        raise ServerError(
-                            f"{self.base_url} refused the request (HTTP {code}): set the API key in the environment "
-                            f"variable ${self._api_key_env} (or choose another with --api-key-env)"
-                        ) from None
-                    raise ServerError(f"{self.base_url} answered HTTP {code}: {_short(exc)}") from None
-                except (ValueError, oa.APIResponseValidationError) as exc:  # truncated / malformed JSON body
-                    raise _Transient(f"malformed response ({type(exc).__name__})") from None
-            except _Transient as exc:
-                if attempt == self.max_retries:
-                    raise ServerError(f"{self.base_url} kept failing ({exc}) after {self.max_retries + 1} attempts") from None
-                delay = min(self.max_backoff, self.backoff * (2**attempt))
-                time.sleep(delay * (0.5 + random.random() / 2))
-        raise AssertionError("unreachable")  # pragma: no cover
+        attempts = int(getattr(self._client, "max_retries", self.max_retries)) + 1
+        try:
+            return fn()
+        except (oa.APITimeoutError, oa.APIConnectionError) as exc:  # the client retried these already
+            raise ServerError(f"{self.base_url} kept failing ({type(exc).__name__}) after {attempts} attempts") from None
+        except oa.APIStatusError as exc:
+            code = exc.status_code
+            if code in (408, 409, 429) or code >= 500:
+                raise ServerError(f"{self.base_url} kept failing (HTTP {code}) after {attempts} attempts") from None
+            if code in (401, 403):
+                raise ServerError(
+                    f"{self.base_url} refused the request (HTTP {code}): set the API key in the environment "
+                    f"variable ${self._api_key_env} (or choose another with --api-key-env)"
+                ) from None
+            raise ServerError(f"{self.base_url} answered HTTP {code}: {_short(exc)}") from None
+        except (ValueError, oa.APIResponseValidationError) as exc:  # truncated / malformed JSON body
+            raise _BadBody(f"malformed response ({type(exc).__name__})") from None
 
     def _completion(self, prompt: str, *, max_tokens: int, echo: bool = False):
         return self._client.completions.create(
@@ -497,12 +515,3 @@ def _prompt_token_count(pieces: list[str], offsets, prompt_text: str, echoed_tex
             return i
         total += len(p)
     return len(pieces)
-
-
-def _stop_ids(tok) -> set[int]:
-    from distill_detect.backends.base import END_OF_TURN
-
-    ids = {tok.eos_token_id} if isinstance(tok.eos_token_id, int) else set()
-    vocab = tok.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
-    return ids
