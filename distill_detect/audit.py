@@ -263,15 +263,8 @@ class FractionEstimate:
     """Bootstrap resamples (0: no interval, ci_low = ci_high = nan)."""
 
 
-def estimate_contaminated_fraction(
-    bench_scores,
-    ref_scores,
-    *,
-    lambda_: float = 0.5,
-    confidence: float = 0.95,
-    n_boot: int = 2000,
-    seed: int = 0,
-) -> FractionEstimate:
+def estimate_contaminated_fraction(bench_scores, ref_scores, *, lambda_: float = 0.5, confidence: float = 0.95, n_boot: int = 2000,
+                                   seed: int = 0) -> FractionEstimate:  # fmt: skip
     """Estimate the contaminated share pi of the benchmark, with a bootstrap confidence interval.
 
     Estimator: 1 - pi0, with pi0 from Storey (2002) on the conformal p-values at lambda = 0.5.

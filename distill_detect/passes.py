@@ -56,10 +56,9 @@ PASSES: dict[str, Pass] = {}
 
 
 def register_pass(p: Pass) -> Pass:
-    if p.name in PASSES:
-        raise ValueError(f"pass {p.name!r} registered twice")
-    PASSES[p.name] = p
-    return p
+    from distill_detect.detectors.base import add_unique
+
+    return add_unique(PASSES, p, "pass")
 
 
 # -- which passes a run needs ---------------------------------------------------------------------

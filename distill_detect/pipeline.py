@@ -72,17 +72,8 @@ def _subset(old: dict, new: dict) -> dict:
 # -- generation ------------------------------------------------------------------------------------
 
 
-def generate_run(
-    questions: Sequence[Question],
-    run_dir,
-    backend_factory: Callable[[], object],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 8,
-    identity: dict | None = None,
-    fill_prompts: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> dict:
+def generate_run(questions: Sequence[Question], run_dir, backend_factory: Callable[[], object], *, max_new_tokens: int,
+                 batch_size: int = 8, identity: dict | None = None, fill_prompts: bool = False, log=None) -> dict:  # fmt: skip
     """Generate every question of ``questions`` into ``run_dir`` that lacks a complete trace.
 
     ``identity`` (``ModelSettings.identity``) is checked against the run FIRST, so a finished

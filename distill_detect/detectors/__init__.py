@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 
-from distill_detect.detectors.base import Detector
+from distill_detect.detectors.base import Detector, add_unique
 from distill_detect.detectors.checks import missing_message, missing_needs
 from distill_detect.detectors.dc_pdd import dc_pdd
 from distill_detect.detectors.loss import loss
@@ -34,10 +34,7 @@ REGISTRY: dict[str, Detector] = {}
 
 
 def register(det: Detector) -> Detector:
-    if det.name in REGISTRY:
-        raise ValueError(f"detector {det.name!r} registered twice")
-    REGISTRY[det.name] = det
-    return det
+    return add_unique(REGISTRY, det, "detector")
 
 
 register(

@@ -46,3 +46,11 @@ class Detector:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise ConfigError(f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters: {known}")
         return float(self.fn(trace, **{**self.defaults, **params}))
+
+
+def add_unique(table: dict, item, kind: str):
+    """Register ``item`` under ``item.name`` in ``table`` (detectors, passes); a second one of that name is a bug."""
+    if item.name in table:
+        raise ValueError(f"{kind} {item.name!r} registered twice")
+    table[item.name] = item
+    return item
