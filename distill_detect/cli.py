@@ -48,9 +48,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--backend", default="hf", help="generation backend (default: hf; see 'distill-detect backends')")
     g.add_argument(
-        "--dtype", default="auto", help="float32, bfloat16 or float16 (default: float32 on CPU, see docs/gpu.md on GPUs)"
+        "--dtype",
+        default="auto",
+        help="float32, bfloat16 or float16 (default auto: float32 on CPU; on a GPU the checkpoint's half precision, else bfloat16)",
     )
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available; vLLM follows CUDA_VISIBLE_DEVICES)"
+    )
     g.add_argument("--system-prompt", default=None, help="system turn (default: the chat template's own)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
     g.add_argument("--batch-size", type=int, default=8, help="questions decoded together (default: 8)")

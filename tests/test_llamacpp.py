@@ -109,7 +109,7 @@ def test_stops_budget_and_prompt_scoring(lc, questions):
 
 def test_cli_runs_with_the_llamacpp_backend(tmp_path):
     from distill_detect import cli
-    from distill_detect.pipeline import load_run_traces
+    from distill_detect.pipeline import read_run
 
     out = tmp_path / "lc"
     rc = cli.main(
@@ -132,7 +132,7 @@ def test_cli_runs_with_the_llamacpp_backend(tmp_path):
         ]
     )
     assert rc == 0
-    traces, fp, _ = load_run_traces(out / "run")
+    traces, fp, _ = read_run(out / "run")
     assert len(traces) == 2 and all(t.num_tokens <= 3 for t in traces)
     assert fp["backend"] == "llamacpp"
 
