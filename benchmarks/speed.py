@@ -55,7 +55,7 @@ at 38.8% (hf_b64 36.2%, naive_b32 19.8%).
 
 ## The HF path: what was tried and what it gave
 
-Kept (each can be switched off in `_disable`; the `_without_` rows):
+Kept (each can be switched off with `HFBackend(ablate=...)`; the `_without_` rows):
 
 - The fused CPU forward of `distill_detect/backends/fused.py` for llama/mistral/qwen2
   checkpoints: q/k/v and gate/up as one product each (the transformers modules keep views
@@ -329,28 +329,6 @@ def worker_naive(cfg: dict) -> dict:
     return {"seconds": dt, "tokens": _tokens_of(traces), "prompt_tokens": prompt_tokens, "traces": traces}
 
 
-def _disable(what) -> None:
-    """Switch off single optimisations of the HF backend, to measure what each one buys."""
-    import distill_detect.backends.hf as hfmod
-
-    if "layout" in what:  # keep nn.Linear weights row-major
-        hfmod._column_major_linears = lambda model: 0
-    if "cache" in what:  # the stock concatenating DynamicCache
-        hfmod._growing_cache = lambda model, capacity: None
-    if "stats" in what:  # per-step statistics through a full [n, V] log-softmax, as before
-
-        def emit(self, logits):
-            logp, mean, std = self._stats(logits)
-            tok = logits.argmax(-1)
-            return tok, logp.gather(-1, tok[:, None])[:, 0], mean, std
-
-        hfmod.HFBackend._emit = emit
-    if "narrow" in what:  # project every prefill position onto the vocabulary
-        hfmod.HFBackend._narrow_prefill = False
-    if "fused" in what:  # transformers' own modules instead of backends/fused.py
-        hfmod.HFBackend._use_fused = False
-
-
 def worker_hf(cfg: dict) -> dict:
     """(b): this project's HF backend."""
     import torch
@@ -360,10 +338,8 @@ def worker_hf(cfg: dict) -> dict:
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    _disable(cfg.get("disable", ()))
-    be = HFBackend(
-        cfg["model"], dtype=cfg.get("dtype", "float32"), device="cpu", prompt_logprobs=cfg.get("prompt_logprobs", False)
-    )
+    be = HFBackend(cfg["model"], dtype=cfg.get("dtype", "float32"), device="cpu", prompt_logprobs=cfg.get("prompt_logprobs", False),
+                   ablate=set(cfg.get("disable", ())))  # fmt: skip
     qs = _questions(cfg["n"])
     B, T = cfg["batch"], cfg["tokens"]
     be.generate(qs[:1], max_new_tokens=4)  # warm-up
@@ -381,20 +357,18 @@ def worker_llamacpp(cfg: dict) -> dict:
     """(c): llama.cpp on the GGUF. mode 'ours' = the llamacpp backend; 'ours_nolp' = the same loop reading
     only the argmax (no log-probabilities); 'plain' / 'logprobs' = llama-cpp-python's own greedy
     ``create_completion`` without / with its ``logprobs`` option, on the same prompt tokens."""
-    import numpy as np
 
     from distill_detect.backends.llamacpp import LlamaCppBackend
 
     th = cfg.get("threads")
-    be = LlamaCppBackend(cfg.get("gguf") or "default", n_threads=th, prompt_logprobs=False)
+    be = LlamaCppBackend(cfg.get("gguf") or "default", n_threads=th, prompt_logprobs=False,
+                         ablate={"logprobs"} if cfg["mode"] == "ours_nolp" else set())  # fmt: skip
     qs = _questions(cfg["n"])
     B, T = cfg.get("batch", 1), cfg["tokens"]
     mode = cfg["mode"]
     prompts = [be.prompt_ids(q.text) for q in qs]
     prompt_tokens = sum(len(p) for p in prompts)
     if mode in ("ours", "ours_nolp"):
-        if mode == "ours_nolp":
-            be._emit = lambda x: (x.argmax(axis=1),) + (np.zeros(x.shape[0], np.float32),) * 3
         be.generate(qs[:1], max_new_tokens=4)  # warm-up
         t0 = time.perf_counter()
         traces = []

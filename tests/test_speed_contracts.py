@@ -123,3 +123,38 @@ def test_one_pass_step_statistics_match_log_softmax(tiny_backend):
     torch.testing.assert_close(lp, logp.gather(-1, tok[:, None])[:, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(mean, mean_ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(std, std_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_hf_ablations_are_public_and_change_speed_only(tiny_dir):
+    """Every optimisation the speed benchmark switches off gives the same tokens (log-probs within 1e-4)."""
+    import numpy as np
+    import pytest
+
+    from distill_detect.backends.hf import HFBackend
+    from distill_detect.errors import ConfigError
+    from distill_detect.types import Question
+
+    qs = [Question(id=f"q{i}", text=f"What is {i} plus {i + 3}? Explain." * (1 + i % 2)) for i in range(4)]
+    base = HFBackend(str(tiny_dir), dtype="float32", device="cpu").generate(qs, max_new_tokens=6)
+    slow = HFBackend(str(tiny_dir), dtype="float32", device="cpu", ablate=set(HFBackend.ABLATIONS)).generate(qs, max_new_tokens=6)
+    for a, b in zip(base, slow):
+        assert a.output_ids.tolist() == b.output_ids.tolist()
+        np.testing.assert_allclose(a.output_logprobs, b.output_logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.prompt_logprobs, b.prompt_logprobs, atol=1e-4)
+    with pytest.raises(ConfigError, match="unknown optimisation"):
+        HFBackend(str(tiny_dir), dtype="float32", device="cpu", ablate={"fast"})
+
+
+def test_benchmarks_use_public_names_only():
+    """No benchmark assigns to a private attribute or imports a private name of the package."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    assert not (isinstance(t, ast.Attribute) and t.attr.startswith("_")), f"{path.name}:{node.lineno}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distill_detect"):
+                assert not any(a.name.startswith("_") for a in node.names), f"{path.name}:{node.lineno}"

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from distill_detect.backends.base import Backend, cpu_threads, require_stop_ids, stop_token_ids
-from distill_detect.errors import DistillDetectError, require
+from distill_detect.errors import ConfigError, DistillDetectError, require
 from distill_detect.prompts import template_hash
 from distill_detect.types import Question, Trace
 
@@ -125,7 +125,7 @@ class _ModelRun:
         self.L = ids.shape[1]
         self.padded = bool((mask == 0).any())
         self.mask = mask
-        self.cache = _growing_cache(be.model, capacity)
+        self.cache = None if "cache" in be.ablate else _growing_cache(be.model, capacity)
         self.full_mask = None
         if self.padded:
             self.full_mask = be.torch.ones((ids.shape[0], capacity), dtype=mask.dtype, device=ids.device)
@@ -275,8 +275,14 @@ class HFBackend(Backend):
     name = "hf"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
     cli_options = {"threads": "n_threads", "fused": "fused"}
-    _narrow_prefill = True  # project only the read positions of the prefill (False: all; for benchmarks/speed.py)
-    _use_fused = True  # the lean forward of backends/fused.py where supported (False: transformers' modules)
+    ABLATIONS = {
+        "layout": "keep nn.Linear weights row-major (no column-major copy on CPU)",
+        "cache": "transformers' concatenating DynamicCache instead of the preallocated one",
+        "stats": "per-step statistics through a full [n, V] log-softmax instead of one exponential pass",
+        "narrow": "project every prefill position onto the vocabulary, not only the read ones",
+        "fused": "transformers' own modules instead of the fused Llama-family forward",
+    }
+    """Optimisations that ``ablate`` can switch off one by one (what ``benchmarks/speed.py`` measures)."""
     _compact_every = 8  # finished rows leave the batch once they are 1/8 of it (copying the cache costs)
 
     def __init__(
@@ -291,6 +297,7 @@ class HFBackend(Backend):
         loaded=None,
         n_threads: int | None = None,
         fused: bool | None = None,
+        ablate: frozenset[str] | set[str] = frozenset(),
     ):
         """``model``: 'default'/None, a local checkpoint directory or a hub id.
 
@@ -298,7 +305,13 @@ class HFBackend(Backend):
         ``n_threads`` sets torch's CPU thread count for the whole process (``torch.set_num_threads``).
         ``fused``: decode through the lean Llama-family forward of backends/fused.py (None: where the
         model supports it, which means a llama/mistral/qwen2 checkpoint on CPU; True: require it).
+        ``ablate``: names of ``ABLATIONS`` to switch off, to measure what each buys (same tokens, slower).
         """
+        unknown = set(ablate) - set(self.ABLATIONS)
+        if unknown:
+            raise ConfigError(f"ablate: unknown optimisation {sorted(unknown)[0]!r}; known: {', '.join(self.ABLATIONS)}")
+        self.ablate = frozenset(ablate)
+        self._narrow_prefill = "narrow" not in self.ablate
         self.torch = require("torch", "hf", "The HF backend")
         if n_threads is not None:
             self.torch.set_num_threads(cpu_threads(n_threads))
@@ -318,10 +331,10 @@ class HFBackend(Backend):
             )
             identity, location = ref.identity, ref.location
         self.setup_common(identity=identity, location=location, system_prompt=system_prompt, prompt_logprobs=prompt_logprobs)
-        if str(self.device).startswith("cpu"):
+        if str(self.device).startswith("cpu") and "layout" not in self.ablate:
             _column_major_linears(self.model)
         self._fused = None
-        if self._use_fused if fused is None else fused:
+        if ("fused" not in self.ablate) if fused is None else fused:
             from distill_detect.backends.fused import FusedLlama, unsupported_reason
 
             why = unsupported_reason(self.model)  # the architecture, and CPU only
@@ -379,6 +392,10 @@ class HFBackend(Backend):
         (argmax) token has z = 0 so log p = -log S; E_p[log p] = E_p[z] - log S and the
         variance of log p equals that of z, E_p[z^2] - E_p[z]^2. No [n, V] log-softmax is kept.
         """
+        if "stats" in self.ablate:
+            logp, mean, std = self._stats(logits)
+            tok = logits.argmax(-1)
+            return tok, logp.gather(-1, tok[:, None])[:, 0], mean, std
         x = logits.float()
         mx, tok = x.max(-1, keepdim=True)
         z = x - mx

@@ -163,6 +163,10 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
     cli_options = {"threads": "n_threads"}
+    ABLATIONS = {
+        "logprobs": "read only the argmax at each step: log-probabilities and statistics are zeros (measures their cost)"
+    }
+    """What ``ablate`` can switch off (``benchmarks/speed.py``); traces made so are useless for detection."""
 
     def __init__(
         self,
@@ -174,8 +178,14 @@ class LlamaCppBackend(Backend):
         prompt_logprobs: bool = True,
         trust_remote_code: bool = False,
         n_threads: int | None = None,
+        ablate: frozenset[str] | set[str] = frozenset(),
     ):
         """``model``: 'default'/None (the embedded SmolLM2 GGUF), a .gguf file, or a folder with one."""
+        if set(ablate) - set(self.ABLATIONS):
+            raise ConfigError(
+                f"ablate: unknown {sorted(set(ablate) - set(self.ABLATIONS))[0]!r}; known: {', '.join(self.ABLATIONS)}"
+            )
+        self.ablate = frozenset(ablate)
         self.lc = require("llama_cpp", "llamacpp", "The llamacpp backend")
         if dtype not in ("auto", None):
             raise ConfigError(f"--dtype {dtype!r}: the llamacpp backend runs the GGUF's own weights; leave --dtype out")
@@ -466,6 +476,8 @@ class LlamaCppBackend(Backend):
 
     def _emit(self, x: np.ndarray):
         """Greedy step on last-position logits [n, V] -> (tokens, log p, mean, std of log p)."""
+        if "logprobs" in self.ablate:
+            return (x.argmax(axis=1),) + (np.zeros(x.shape[0], np.float32),) * 3
         return _row_stats(x, np.full(x.shape[0], -1, np.int64))
 
     @staticmethod
