@@ -327,7 +327,7 @@ def estimate_contaminated_fraction(bench_scores, ref_scores, *, lambda_: float =
 # ----------------------------------------------------------------------------- the audit
 
 
-def _fmt_p(p: float) -> str:
+def fmt_p(p: float) -> str:
     if p <= 0.0:
         return "< 1e-300"
     if p >= 0.001:
@@ -400,7 +400,7 @@ class AuditResult:
             est = f"estimated {_pct(f.estimate)}% of questions"
         return (
             f"{head}: {est}; {self.n_flagged} of {self.n_bench} questions flagged at FDR {100 * self.fdr:g}%; "
-            f"dataset test p = {_fmt_p(self.dataset.pvalue)}"
+            f"dataset test p = {fmt_p(self.dataset.pvalue)}"
         )
 
     def to_dict(self) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill_detect.audit import fmt_p
 from distill_detect.errors import ConfigError, DistillDetectError
 
 REF_PREFIX = "ref:"
@@ -187,12 +188,6 @@ def write_csv(path: Path, traces, rows: list[dict]) -> None:
                 ]
             )
     tmp.replace(path)
-
-
-def fmt_p(p: float) -> str:
-    from distill_detect.audit import _fmt_p
-
-    return _fmt_p(p)
 
 
 @dataclass

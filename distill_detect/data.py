@@ -169,7 +169,7 @@ def _read_parquet(path: Path) -> list[tuple[int, dict]]:
     return [(k + 1, rec) for k, rec in enumerate(table.to_pylist())]
 
 
-def _parse_label(path, line, value, from_csv: bool):
+def parse_label(path, line, value, from_csv: bool):
     if value is None:
         return None
     if from_csv:
@@ -234,7 +234,7 @@ def load_questions(
             qid = str(raw_id)
         else:
             raise InputError(name, f"id must be a string or integer, got {type(raw_id).__name__}", line=line, field=id_field)
-        lab = _parse_label(name, line, rec.get(label_field), from_csv) if label is None else label
+        lab = parse_label(name, line, rec.get(label_field), from_csv) if label is None else label
         resp = rec.get(response_field) if response_field else None
         if resp is not None and not isinstance(resp, str):
             raise InputError(name, f"must be a string, got {type(resp).__name__}", line=line, field=response_field)

@@ -38,7 +38,7 @@ def cache_dir() -> Path:
     return Path(base) / "distill-detect"
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -117,7 +117,9 @@ def default_model_dir(progress: bool = True) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     (tmp / "distill_detect.json").write_text(
-        json.dumps({"source": str(gguf), "gguf_sha256": _sha256(gguf), "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"})
+        json.dumps(
+            {"source": str(gguf), "gguf_sha256": sha256_file(gguf), "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"}
+        )
     )
     try:
         os.replace(tmp, out)

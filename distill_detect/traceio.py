@@ -94,7 +94,7 @@ def _numbers(path, line, field, value, *, logprob: bool, integer: bool = False) 
 
 def read_traces_jsonl(path) -> list[Trace]:
     """Read and validate a traces file; every problem names the file, line and field."""
-    from distill_detect.data import _parse_label
+    from distill_detect.data import parse_label
 
     out: list[Trace] = []
     seen: dict[str, int] = {}
@@ -138,5 +138,5 @@ def read_traces_jsonl(path) -> list[Trace]:
         mnt = rec.get("max_new_tokens")
         if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 0):
             raise InputError(path, f"must be a non-negative integer, got {mnt!r}", line=line, field="max_new_tokens")
-        out.append(Trace(id=qid, label=_parse_label(path, line, rec.get("label"), False), max_new_tokens=mnt, **kw))
+        out.append(Trace(id=qid, label=parse_label(path, line, rec.get("label"), False), max_new_tokens=mnt, **kw))
     return out

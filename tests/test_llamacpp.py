@@ -55,9 +55,9 @@ def test_prompt_and_fingerprint_match_the_hf_side(lc, hf, questions):
     assert fp["backend"] == "llamacpp" and fp["decoding"] == "greedy" and fp["dtype"] == "Q4_1"
     assert fp["versions"]["llama_cpp_python"] and fp["template"] == hf.fingerprint()["template"]
     assert fp["stop_ids"] == hf.fingerprint()["stop_ids"]
-    from distill_detect.models import _sha256
+    from distill_detect.models import sha256_file
 
-    assert fp["model"]["gguf_sha256"] == _sha256(find_default_gguf())
+    assert fp["model"]["gguf_sha256"] == sha256_file(find_default_gguf())
 
 
 def test_batch_does_not_change_results(lc, questions):

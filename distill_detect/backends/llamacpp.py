@@ -71,7 +71,7 @@ def resolve_gguf(spec: str | None) -> Path:
 
 def gguf_sha256(path: Path) -> str:
     """sha256 of a GGUF file, remembered in the cache folder by (path, size, mtime): big files hash once."""
-    from distill_detect.models import _sha256, cache_dir
+    from distill_detect.models import cache_dir, sha256_file
 
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
@@ -82,7 +82,7 @@ def gguf_sha256(path: Path) -> str:
         known = {}
     if key in known:
         return known[key]
-    digest = _sha256(path)
+    digest = sha256_file(path)
     known[key] = digest
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def write_report(out_dir, *, traces=None, tokenizer=None, figures: bool = True) 
 
 def cmd_report(args) -> int:
     from distill_detect.errors import DistillDetectError
-    from distill_detect.report.build import _load_traces
+    from distill_detect.report.build import load_traces
 
     out = Path(args.dir)
     if not out.is_dir():
@@ -49,7 +49,7 @@ def cmd_report(args) -> int:
 
         metrics = out / "metrics.json"
         config = json.loads(metrics.read_text(encoding="utf-8")).get("config", {}) if metrics.exists() else {}
-        traces, why = _load_traces(config, out)
+        traces, why = load_traces(config, out)
         if not traces:
             raise DistillDetectError(f"--ablations needs the traces ({why})")
         if not any(t.label == 1 for t in traces) or not any(t.label == 0 for t in traces):

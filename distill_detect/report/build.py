@@ -31,7 +31,7 @@ _HERE = Path(__file__).parent
 TPD_DEFAULTS = {"tau": 1.0, "alpha": 0.6, "max_tokens": 300}
 
 
-def _load_traces(config: dict, out_dir: Path):
+def load_traces(config: dict, out_dir: Path):
     """Traces named by the run config (a run directory or a traces file), or (None, why not)."""
     src = config.get("source") or {}
     candidates = []
@@ -320,7 +320,7 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
     M, tau = int(tpd["max_tokens"]), float(tpd["tau"])
     trace_note = "traces given by the caller"
     if traces is None:
-        traces, trace_note = _load_traces(config, out_dir)
+        traces, trace_note = load_traces(config, out_dir)
     by_id = {t.id: t for t in traces} if traces else {}
     tok, tok_note = (None, "no generated-token ids in the traces")
     if by_id and any(t.output_ids is not None for t in by_id.values()):
