@@ -27,17 +27,15 @@ def _progress(total: int, desc: str, unit: str = "q"):
 
 # -- checks made before any model time ------------------------------------------------------------
 
-PROMPT_NEEDS = frozenset({"prompt_logprobs", "prompt_stats", "extra:dcpdd_token_freq"})
-"""Needs that only generation with prompt log-probabilities records."""
-
 
 def check_decoding_feeds(methods: Sequence[str], prompt_logprobs: bool) -> None:
     """Refuse methods that read question-token log-probabilities when they are switched off."""
     from distill_detect.detectors import get
+    from distill_detect.detectors.checks import NEEDS
 
     if prompt_logprobs:
         return
-    bad = [m for m in methods if get(m).needs & PROMPT_NEEDS]
+    bad = [m for m in methods if any(NEEDS[n].with_prompt_logprobs for n in get(m).needs if n in NEEDS)]
     if bad:
         raise ConfigError(
             f"--methods {','.join(bad)} read the question tokens' log-probabilities, which --no-prompt-logprobs switches off; "

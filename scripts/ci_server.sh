@@ -20,9 +20,9 @@ fi
 
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
-if ! have openai; then
+if ! have openai || ! have tenacity; then
   echo "ci_server.sh: installing the openai client" >&2
-  "$PY" -m pip install -q "openai>=1.40"
+  "$PY" -m pip install -q "openai>=1.40" "tenacity>=8"
 fi
 if ! have ray; then
   echo "ci_server.sh: installing ray" >&2

@@ -29,19 +29,11 @@ from __future__ import annotations
 import inspect
 import json
 
+from distill_detect.detectors.checks import NEEDS
 from distill_detect.errors import ConfigError
 
-NEED_CAPABILITY: dict[str, tuple[str, ...]] = {
-    "output_logprobs": ("output_logprobs",),
-    "output_stats": ("output_stats",),
-    "prompt_logprobs": ("prompt_logprobs",),
-    "prompt_stats": ("prompt_stats",),
-    "question": (),
-    "extra:lowercase_prompt_logprobs": ("prompt_logprobs",),
-    "extra:reference_prompt_logprobs": (),
-    "extra:reference_output_logprobs": ("output_ids",),
-    "extra:dcpdd_token_freq": ("prompt_logprobs",),
-}
+NEED_CAPABILITY: dict[str, tuple[str, ...]] = {k: n.capabilities for k, n in NEEDS.items()}
+"""Need word -> the backend capabilities it takes (from the one table in ``detectors.checks``)."""
 
 CAPABILITY_WORDS = {
     "output_logprobs": "log-probabilities of the generated tokens",

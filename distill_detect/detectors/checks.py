@@ -17,6 +17,7 @@ Need words:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,16 +25,22 @@ from distill_detect.errors import ConfigError, DistillDetectError
 
 _API = "API backends (OpenAI-compatible chat endpoints) return at most the top-20 log-probabilities of generated tokens"
 
-NEED_FIELDS: dict[str, tuple[str, ...]] = {
-    "output_logprobs": ("output_logprobs",),
-    "output_stats": ("output_mean_logp", "output_std_logp"),
-    "prompt_logprobs": ("prompt_logprobs",),
-    "prompt_stats": ("prompt_mean_logp", "prompt_std_logp"),
-    "question": ("question",),
-}
-"""Need word -> the ``Trace`` attributes it stands for."""
 
-NEED_SOURCES: dict[str, str] = {
+@dataclass(frozen=True)
+class Need:
+    """What one need word stands for: the trace fields, the backend capabilities, and where it comes from."""
+
+    fields: tuple[str, ...]
+    """``Trace`` attributes (empty for ``extra:<key>``: the key itself)."""
+    capabilities: tuple[str, ...]
+    """What the audited model's backend must provide (``backends.capabilities``)."""
+    with_prompt_logprobs: bool
+    """Recorded only when generating with prompt log-probabilities (refused with --no-prompt-logprobs)."""
+    source: str
+    """What produces it, in the user's terms (error messages)."""
+
+
+_SOURCES = {
     "output_logprobs": "generated-token log-probabilities, recorded by every backend's generation ('distill-detect generate')",
     "output_stats": (
         "per-step mean and standard deviation of log p over the whole vocabulary, recorded during generation by "
@@ -67,6 +74,25 @@ NEED_SOURCES: dict[str, str] = {
         "from the question token ids (recorded unless --no-prompt-logprobs was given)"
     ),
 }
+
+NEEDS: dict[str, Need] = {
+    "output_logprobs": Need(("output_logprobs",), ("output_logprobs",), False, _SOURCES["output_logprobs"]),
+    "output_stats": Need(("output_mean_logp", "output_std_logp"), ("output_stats",), False, _SOURCES["output_stats"]),
+    "prompt_logprobs": Need(("prompt_logprobs",), ("prompt_logprobs",), True, _SOURCES["prompt_logprobs"]),
+    "prompt_stats": Need(("prompt_mean_logp", "prompt_std_logp"), ("prompt_stats",), True, _SOURCES["prompt_stats"]),
+    "question": Need(("question",), (), False, _SOURCES["question"]),
+    "extra:lowercase_prompt_logprobs": Need((), ("prompt_logprobs",), False, _SOURCES["extra:lowercase_prompt_logprobs"]),
+    "extra:reference_prompt_logprobs": Need((), (), False, _SOURCES["extra:reference_prompt_logprobs"]),
+    "extra:reference_output_logprobs": Need((), ("output_ids",), False, _SOURCES["extra:reference_output_logprobs"]),
+    "extra:dcpdd_token_freq": Need((), ("prompt_logprobs",), True, _SOURCES["extra:dcpdd_token_freq"]),
+}
+"""Every need word a detector may name, declared once; the tables below and the backends' capability
+check (``backends.capabilities.NEED_CAPABILITY``) derive from it."""
+
+NEED_FIELDS: dict[str, tuple[str, ...]] = {k: n.fields for k, n in NEEDS.items() if n.fields}
+"""Need word -> the ``Trace`` attributes it stands for."""
+
+NEED_SOURCES: dict[str, str] = {k: n.source for k, n in NEEDS.items()}
 """Need word -> what produces it (used in error messages)."""
 
 
