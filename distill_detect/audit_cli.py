@@ -41,7 +41,7 @@ def add_cli(subparsers) -> None:
     g.add_argument(
         "--make-reference",
         action="store_true",
-        help="build the reference from the benchmark by changing its numbers consistently (weaker; see the README)",
+        help="build the reference from the benchmark by changing its numbers consistently (weaker; see docs/audit.md)",
     )
     g.add_argument("--out", help="output directory (traces go to OUT/run unless --run is given)")
     g.add_argument("--run", default=None, help="use this run directory as the trace store; without --model, no generation")
