@@ -3,7 +3,8 @@
 Raw scores keep their natural sign; ``Detector.higher_is_member`` says which way they
 point and ``distill_detect.metrics.membership_score`` applies it. Methods by family:
 
-* TPD and ours: ``tpd`` (paper), ``tpd_ref`` (TPD minus the base model's deviation on the same tokens).
+* TPD and ours: ``tpd`` (paper), ``tpd_ref`` (TPD minus the base model's deviation on the same tokens),
+  ``wbc`` and ``ref_imbalance`` (the student against its base on its own tokens; ``base_calibrated.py``).
 * Question-only input likelihood: ``loss``, ``zlib``, ``lowercase``, ``min_k``, ``min_k_pp``, ``dc_pdd``, ``reference``.
 * Generated-token statistics: ``out_ppl``, ``out_min_k``, ``out_entropy``, ``out_max_prob``
   (first 1000 tokens by default; ``max_tokens`` is their ``budget_param``, as TPD's).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import difflib
 
 from distill_detect.detectors.base import Detector, add_unique
+from distill_detect.detectors.base_calibrated import ref_imbalance, wbc
 from distill_detect.detectors.checks import missing_message, missing_needs
 from distill_detect.detectors.dc_pdd import dc_pdd
 from distill_detect.detectors.loss import loss
@@ -61,6 +63,24 @@ for _det in (
         needs=_OUT | {"extra:reference_output_logprobs"},
         defaults=dict(_TPD),
         summary="TPD minus the pre-distillation model's deviation on the same tokens (ours); lower = member",
+        budget_param="max_tokens",
+    ),
+    Detector(
+        name="wbc",
+        fn=wbc,
+        higher_is_member=True,
+        needs=_OUT | {"extra:reference_output_logprobs"},
+        defaults={"max_tokens": 300},
+        summary="share of token windows where the base's loss exceeds the student's (Window-Based Comparison); higher = member",
+        budget_param="max_tokens",
+    ),
+    Detector(
+        name="ref_imbalance",
+        fn=ref_imbalance,
+        higher_is_member=True,
+        needs=_OUT | {"extra:reference_output_logprobs"},
+        defaults={"tau": 0.9, "max_tokens": 300},
+        summary="log ratio of the student's rises to falls against its base on its uncertain tokens (after EZ-MIA); higher = member",
         budget_param="max_tokens",
     ),
     Detector(
