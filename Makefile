@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= hf,parquet,plot,finetune,dev
 DEMO_OUT ?= demo-out
+# CPU threads for the demo (e.g. THREADS=1 on a busy or shared machine); empty: torch's default, every core.
+THREADS ?=
 
 .PHONY: setup demo test lint format clean
 
@@ -23,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m distill_detect.demo --out $(DEMO_OUT)
+	$(PY) -m distill_detect.demo --out $(DEMO_OUT)$(if $(THREADS), --threads $(THREADS))
 
 test: setup
 	$(PY) -m pytest -q

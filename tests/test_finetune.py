@@ -24,8 +24,8 @@ from distill_detect.finetune import (
     CHECKPOINTS,
     MARKER,
     FinetuneConfig,
-    ResponseOnlyCollator,
     add_cli,
+    build_trainer,
     config_from_args,
     encode_example,
     finetune,
@@ -72,6 +72,20 @@ def tok(tiny_dir):
 
 
 @pytest.fixture(scope="module")
+def trainer_for(tiny_dir, tmp_path_factory):
+    """trl's SFTTrainer (not trained) on some questions: what it would train on is ``trainer.train_dataset``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+
+    def make(tok, questions, **cfg):
+        config = FinetuneConfig(**{"per_device_batch_size": 2, **cfg})
+        return build_trainer(model, tok, questions, config, tmp_path_factory.mktemp("ckpt"))
+
+    return make
+
+
+@pytest.fixture(scope="module")
 def full_run(tiny_dir, tmp_path_factory):
     """One uninterrupted full fine-tune, checkpoints kept (the reference for the resume test)."""
     out = tmp_path_factory.mktemp("ft") / "full"
@@ -98,6 +112,8 @@ def full_run(tiny_dir, tmp_path_factory):
         ("save_steps", 0),
         ("dtype", "fp8"),
         ("seed", -1),
+        ("threads", 0),
+        ("lora", "yes"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
@@ -113,18 +129,33 @@ def test_config_defaults_follow_the_paper():
 
 
 def test_module_import_is_light():
-    code = "import sys, distill_detect.finetune; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, distill_detect.finetune; assert not {'torch', 'transformers', 'trl', 'datasets'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # -- data: the loss is on the response only ---------------------------------------------------------------
 
 
-def test_labels_mask_the_prompt_exactly(tok):
+def _reference_encoding(tok, question, response, max_seq_len, system_prompt=None):
+    """The encoding before trl (0.1's encode_example), kept as the specification of what is trained:
+    (input_ids, labels) = the generation prompt, masked, then response + end-of-turn cut at max_seq_len."""
+    from distill_detect.backends.base import END_OF_TURN
+    from distill_detect.prompts import render_with_response
+
+    prompt, full = render_with_response(tok, question, response, system_prompt)
+    part = full[len(prompt) :]
+    stripped = part.rstrip()
+    part = stripped if stripped != part and stripped.endswith(tuple(t for t in (tok.eos_token, *END_OF_TURN) if t)) else part
+    prompt_ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    target = list(tok(part, add_special_tokens=False)["input_ids"])[: max_seq_len - len(prompt_ids)]
+    return prompt_ids + target, [-100] * len(prompt_ids) + target
+
+
+def test_labels_mask_the_prompt_exactly(tok, trainer_for):
     from distill_detect.prompts import build_prompt
 
     q = QUESTIONS[1]
-    ex = encode_example(tok, q.text, q.response, max_seq_len=256)
+    ex = trainer_for(tok, [q], max_seq_len=256).train_dataset[0]
     prompt = build_prompt(tok, q.text)
     n = len(prompt.ids)
     # The prompt is tokenised exactly as for generation, and all of it is masked.
@@ -134,27 +165,61 @@ def test_labels_mask_the_prompt_exactly(tok):
     assert all(x != -100 for x in ex["labels"][n:])
     assert ex["labels"][n:] == ex["input_ids"][n:]
     assert tok.decode(ex["labels"][n:]) == q.response + "<|im_end|>"
-    assert not ex["truncated"]
+    assert encode_example(tok, q.text, q.response)["completion_mask"] == [0] * n + [1] * (len(ex["input_ids"]) - n)
 
 
-def test_long_response_is_cut_and_prompt_that_fills_the_window_is_refused(tok):
+@pytest.mark.parametrize("name, limit, max_seq_len", [("gsm8k_gpt3", None, 320), ("math_test", 400, 384)])  # 320: the demo's
+def test_trl_trains_exactly_the_tokens_of_the_reference_encoding_on_bundled_data(tok, trainer_for, name, limit, max_seq_len):
+    """trl's input_ids and labels (after its masking and truncation) are the reference encoding's, token for token."""
+    from distill_detect.data import load_questions
+    from distill_detect.prompts import build_prompt
+
+    qs = load_questions(f"bundled:{name}", require_response=True)[:limit]
+    qs = [q for q in qs if len(build_prompt(tok, q.text).ids) < max_seq_len]  # longer prompts are refused (tested below)
+    with pytest.warns(UserWarning, match="cut at max_seq_len"):  # at these lengths some are: truncation is compared too
+        data = trainer_for(tok, qs, max_seq_len=max_seq_len).train_dataset
+    assert len(data) == len(qs)
+    n_cut = 0
+    for q, ids, labels in zip(qs, data["input_ids"], data["labels"]):
+        assert (ids, labels) == _reference_encoding(tok, q.text, q.response, max_seq_len), q.id
+        n_prompt = len(build_prompt(tok, q.text).ids)
+        assert ids[:n_prompt] == build_prompt(tok, q.text).ids and labels[:n_prompt] == [-100] * n_prompt
+        if len(ids) < max_seq_len:
+            assert tok.decode(labels[n_prompt:]) == q.response + "<|im_end|>", q.id
+        n_cut += len(ids) == max_seq_len
+    assert n_cut > 0
+    # With a system prompt the masked prompt is the generation prompt with that system turn.
+    sys_prompt = "You are a careful tutor."
+    data = trainer_for(tok, qs[:20], max_seq_len=max_seq_len, system_prompt=sys_prompt).train_dataset
+    for q, ids, labels in zip(qs[:20], data["input_ids"], data["labels"]):
+        assert (ids, labels) == _reference_encoding(tok, q.text, q.response, max_seq_len, sys_prompt)
+        assert ids[: len(build_prompt(tok, q.text, sys_prompt).ids)] == build_prompt(tok, q.text, sys_prompt).ids
+
+
+def test_long_response_is_cut_and_prompt_that_fills_the_window_is_refused(tok, trainer_for):
     q = QUESTIONS[0]
-    full = encode_example(tok, q.text, q.response, max_seq_len=256)
+    full = trainer_for(tok, [q], max_seq_len=256).train_dataset[0]
     n_prompt = full["labels"].count(-100)
-    cut = encode_example(tok, q.text, q.response, max_seq_len=n_prompt + 3)
-    assert cut["truncated"] and len(cut["input_ids"]) == n_prompt + 3
-    assert cut["input_ids"] == full["input_ids"][: n_prompt + 3]
-    with pytest.raises(InputError, match="max_seq_len"):
-        encode_example(tok, q.text, q.response, max_seq_len=n_prompt)
+    with pytest.warns(UserWarning, match=r"1 of 1 responses were cut at max_seq_len=\d+ tokens.*'q0'"):
+        cut = trainer_for(tok, [q], max_seq_len=n_prompt + 3).train_dataset[0]
+    assert len(cut["input_ids"]) == n_prompt + 3
+    assert cut["input_ids"] == full["input_ids"][: n_prompt + 3] and cut["labels"] == full["labels"][: n_prompt + 3]
+    with pytest.raises(InputError, match=r"question 'q2'.*max_seq_len") as err:
+        trainer_for(tok, [QUESTIONS[1], replace(QUESTIONS[2], text=QUESTIONS[2].text * 20)], max_seq_len=n_prompt + 3)
+    assert err.value.field == "question"
 
 
-def test_collator_pads_right_with_ignored_labels():
-    coll = ResponseOnlyCollator(pad_id=0)
-    batch = coll([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert coll.tokens_seen == 4
+def test_batches_are_padded_right_with_ignored_labels(tok, trainer_for):
+    trainer = trainer_for(tok, QUESTIONS[:2], max_seq_len=256)
+    rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
+    batch = trainer.data_collator(rows)
+    n0, n1 = (len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape == (2, max(n0, n1))
+    short = 0 if n0 < n1 else 1
+    k = len(rows[short]["input_ids"])
+    assert batch["attention_mask"][short].tolist() == [1] * k + [0] * (max(n0, n1) - k)
+    assert batch["labels"][short, k:].tolist() == [-100] * (max(n0, n1) - k)
+    assert batch["input_ids"][short, k:].tolist() == [tok.pad_token_id] * (max(n0, n1) - k)
 
 
 # -- full fine-tune ---------------------------------------------------------------------------------------
@@ -371,13 +436,112 @@ def test_cli_options_map_onto_the_config():
     assert "distill-detect finetune --data bundled:gsm8k_gpt3" in help_text
 
 
-def test_cli_trains_from_a_jsonl_file(tiny_dir, tmp_path, capsys):
+def test_every_config_field_has_a_generated_flag_with_its_doc_and_default():
+    from dataclasses import fields
+
+    sub = _parser()._subparsers._group_actions[0].choices["finetune"]
+    by_dest = {a.dest: a for a in sub._actions}
+    for f in fields(FinetuneConfig):
+        action = by_dest[f.name]  # one flag per field, its dest the field's name
+        assert action.default is None and action.help.startswith(f.metadata["doc"].replace("%", "%%")), f.name
+    assert by_dest["learning_rate"].option_strings == ["--lr"] and by_dest["threads"].option_strings == ["--threads"]
+    assert by_dest["per_device_batch_size"].option_strings == ["--batch-size"] and by_dest["lora"].nargs == 0
+    assert "(default: 0.0001)" in by_dest["weight_decay"].help and "5%" in sub.format_help()
+    args = _parser().parse_args(
+        "finetune --data d --out m --threads 1 --lr-scheduler linear --dtype float32 --epochs 2.5".split()
+    )
+    assert config_from_args(args) == FinetuneConfig(threads=1, lr_scheduler="linear", dtype="float32", epochs=2.5)
+    with pytest.raises(SystemExit):
+        _parser().parse_args("finetune --data d --out m --lr-scheduler cosine_typo".split())
+    # threads never changes the weights: it is not part of the run's identity (a resume may use another value)
+    assert "threads" not in FinetuneConfig(threads=1).training_key()
+
+
+def test_cli_trains_from_a_jsonl_file_on_the_given_threads_without_progress_bars_in_a_log(tiny_dir, tmp_path, capfd):
+    import torch
+
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"id": q.id, "question": q.text, "answer": q.response}) + "\n" for q in QUESTIONS))
     out = tmp_path / "student"
     argv = f"finetune --model {tiny_dir} --data {data} --response-field answer --out {out} --max-steps 1 --batch-size 2 --limit 2"
-    args = _parser().parse_args(argv.split() + ["--max-seq-len", "64"])
-    assert args.func(args) == 0
+    args = _parser().parse_args(argv.split() + ["--max-seq-len", "64", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        assert args.func(args) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     meta = _meta(out)
-    assert meta["data"]["n_examples"] == 2 and meta["train"]["global_step"] == 1
-    assert str(out) in capsys.readouterr().out
+    assert meta["data"]["n_examples"] == 2 and meta["train"]["global_step"] == 1 and meta["config"]["threads"] == 1
+    captured = capfd.readouterr()
+    assert str(out) in captured.out
+    # stderr is not a terminal here: status lines only, no third-party progress bars (tokenizing, saving shards ...)
+    assert "Fine-tuning on 2 examples" in captured.err and "Wrote" in captured.err
+    assert "%|" not in captured.err and "\r" not in captured.err and "Writing model shards" not in captured.err, captured.err
+
+
+# -- the demo: --threads, THREADS=, the question files and the next command ---------------------------------
+
+
+def test_demo_threads_flag_and_make_variable(tmp_path):
+    from distill_detect.demo import parse_args
+
+    assert parse_args([]).threads is None and parse_args(["--threads", "1"]).threads == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--threads", "0"])
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+
+    def demo_line(*variables):  # make -n prints the recipe without running it (VENV: a folder that does not exist)
+        cmd = ["make", "-n", "-C", str(root), "demo", f"VENV={tmp_path / 'venv'}", *variables]
+        lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+        return next(x for x in lines if "-m distill_detect.demo" in x)
+
+    assert demo_line("THREADS=1").endswith("-m distill_detect.demo --out demo-out --threads 1")
+    assert "--threads" not in demo_line()
+
+
+def test_demo_writes_the_split_as_question_files_and_prints_commands_that_parse(tmp_path):
+    import shlex
+
+    from distill_detect.cli import build_parser
+    from distill_detect.data import load_questions
+    from distill_detect.demo import DATA, next_commands, split_of, write_question_files
+
+    members, nonmembers = split_of(DATA, pool_size=160, seed=42)
+    assert len(members) == len(nonmembers) == 32 and not {q.id for q in members} & {q.id for q in nonmembers}
+    m_file, n_file = write_question_files(tmp_path, members[:3], nonmembers[:2])
+    assert (m_file.name, n_file.name) == ("members.jsonl", "nonmembers.jsonl")
+    back = load_questions(str(m_file), require_response=True)
+    assert [(q.id, q.text, q.response) for q in back] == [(q.id, q.text, q.response) for q in members[:3]]
+    assert [q.id for q in load_questions(str(n_file))] == [q.id for q in nonmembers[:2]]
+    run, audit = next_commands(tmp_path / "my student", m_file, n_file, tmp_path, 64)
+    a = build_parser().parse_args(shlex.split(run)[1:])
+    assert (a.command, a.model, a.members, a.nonmembers) == ("run", str(tmp_path / "my student"), str(m_file), str(n_file))
+    a = build_parser().parse_args(shlex.split(audit)[1:])
+    assert (a.command, a.questions, a.reference, a.max_new_tokens) == ("audit", str(m_file), str(n_file), 64)
+
+
+def test_demo_silences_third_party_progress_bars_when_stderr_is_not_a_terminal():
+    import io
+
+    import datasets
+    import transformers.utils.logging as hf_logging
+
+    from distill_detect.demo import quiet_bars_unless_terminal
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    was = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+        assert quiet_bars_unless_terminal(Terminal()) is False and hf_logging.is_progress_bar_enabled()
+        assert quiet_bars_unless_terminal(io.StringIO()) is True
+        assert not hf_logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
+        (datasets.enable_progress_bars if was[1] else datasets.disable_progress_bars)()
