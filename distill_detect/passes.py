@@ -263,7 +263,7 @@ def reference_pass(
             out[traces[i].id] = row
     if traces and not checked:
         warnings.warn(
-            "reference_pass could not verify that the reference shares the student's tokenizer "
+            "the reference model pass (--reference-model) could not verify that the reference shares the student's tokenizer "
             "(no prompt_ids in the traces and no tokenizer on the backend)",
             stacklevel=2,
         )
