@@ -265,3 +265,39 @@ def test_vectorised_bootstrap_equals_a_loop_over_sklearn():
     labels = np.r_[np.ones(30), np.zeros(40)]
     aucs = [roc_auc_score(labels, np.r_[p, n]) for p, n in zip(P, N)]
     assert (lo, hi) == pytest.approx(tuple(np.quantile(aucs, [0.025, 0.975])), abs=1e-12)
+
+
+def test_delong_matches_its_definition_and_sklearn():
+    """AUCs equal sklearn's; the variance equals the brute-force DeLong formula written with loops."""
+    import math
+
+    from sklearn.metrics import roc_auc_score
+
+    from distill_detect.metrics import delong_test
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(17), np.zeros(23)].astype(int)
+    a = rng.normal(size=40) + 0.8 * y
+    b = np.round(a + rng.normal(scale=0.7, size=40), 1)  # ties too
+    r = delong_test(y, a, b)
+    assert r["auc_a"] == pytest.approx(roc_auc_score(y, a)) and r["auc_b"] == pytest.approx(roc_auc_score(y, b))
+
+    def psi(x, z):
+        return 1.0 if x > z else 0.5 if x == z else 0.0
+
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    v10 = [[sum(psi(s[i], s[j]) for j in neg) / len(neg) for i in pos] for s in (a, b)]
+    v01 = [[sum(psi(s[i], s[j]) for i in pos) / len(pos) for j in neg] for s in (a, b)]
+
+    def cov(u, v):
+        mu, mv = sum(u) / len(u), sum(v) / len(v)
+        return sum((x - mu) * (z - mv) for x, z in zip(u, v)) / (len(u) - 1)
+
+    var = sum(
+        sign * (cov(v10[k], v10[l]) / len(pos) + cov(v01[k], v01[l]) / len(neg))
+        for k, l, sign in ((0, 0, 1), (1, 1, 1), (0, 1, -2))
+    )
+    assert r["se"] == pytest.approx(math.sqrt(var), rel=1e-9)
+    assert 0 < r["pvalue"] < 1
+    same = delong_test(y, a, a)
+    assert same["diff"] == 0 and same["pvalue"] == 1.0
