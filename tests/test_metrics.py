@@ -294,8 +294,8 @@ def test_delong_matches_its_definition_and_sklearn():
         return sum((x - mu) * (z - mv) for x, z in zip(u, v)) / (len(u) - 1)
 
     var = sum(
-        sign * (cov(v10[k], v10[l]) / len(pos) + cov(v01[k], v01[l]) / len(neg))
-        for k, l, sign in ((0, 0, 1), (1, 1, 1), (0, 1, -2))
+        sign * (cov(v10[k], v10[j]) / len(pos) + cov(v01[k], v01[j]) / len(neg))
+        for k, j, sign in ((0, 0, 1), (1, 1, 1), (0, 1, -2))
     )
     assert r["se"] == pytest.approx(math.sqrt(var), rel=1e-9)
     assert 0 < r["pvalue"] < 1
