@@ -64,16 +64,13 @@ def quiet_bars_unless_terminal(stream=None) -> bool:
 
 
 def split_of(data: str, *, pool_size: int, seed: int, train_on: str = "evaluated"):
-    """(members, nonmembers) exactly as ``experiment.student_experiment`` draws and splits them: the members the
-    student was trained on and audited with (the evaluated ones), and the non-members of the evaluation."""
-    import numpy as np
+    """(members, nonmembers) as ``experiment.student_experiment`` draws and splits them (``experiment.draw_split``),
+    without running it: the members the student is trained on (the evaluated ones, or all with
+    ``train_on="all"``), and the non-members of the evaluation."""
+    from distill_detect.data import load_questions
+    from distill_detect.experiment import draw_split
 
-    from distill_detect.data import load_questions, paper_split
-
-    allq = load_questions(data, require_response=True)
-    rng = np.random.default_rng(seed)
-    pool = [allq[i] for i in sorted(rng.choice(len(allq), size=min(pool_size, len(allq)), replace=False))]
-    members, nonmembers, _ = paper_split(pool, seed=seed)
+    _, members, nonmembers, _ = draw_split(load_questions(data, require_response=True), pool_size=pool_size, seed=seed)
     return (members[: len(nonmembers)] if train_on == "evaluated" else members), nonmembers
 
 
@@ -138,12 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(res["out"], out)
-    members, nonmembers = split_of(DATA, pool_size=a.pool, seed=a.seed, train_on=cfg["train_on"])
-    audited = sorted(t.id for t in res["traces"])
-    if audited != sorted(q.id for q in members + nonmembers):  # the split is recomputed: make sure it is the same one
-        raise RuntimeError("demo: the recomputed member/non-member split differs from the audited questions")
+    student, members, nonmembers = res["student"], res["members"], res["nonmembers"]  # trained on: the evaluated members
     members_file, nonmembers_file = write_question_files(out, members, nonmembers)
-    student = work / "student"
     sizes = res["sizes"]
     print(
         f"\nStudent: SmolLM2-135M-Instruct fine-tuned on {sizes['trained_on']} GSM8K members "

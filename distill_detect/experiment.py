@@ -33,6 +33,18 @@ def hf_factory(model: str):
     return cpu_float32(model).factory(GenConfig())
 
 
+def draw_split(questions, *, pool_size: int, seed: int):
+    """The protocol's split: draw ``pool_size`` of ``questions`` with ``seed`` (kept in their order), then the paper's
+    80/20 split of that pool. Returns ``(pool, members, nonmembers, evaluation)`` as ``data.paper_split`` does."""
+    import numpy as np
+
+    from distill_detect.data import paper_split
+
+    rng = np.random.default_rng(seed)
+    pool = [questions[i] for i in sorted(rng.choice(len(questions), size=min(pool_size, len(questions)), replace=False))]
+    return (pool, *paper_split(pool, seed=seed))
+
+
 def student_experiment(
     cfg: dict,
     *,
@@ -44,12 +56,15 @@ def student_experiment(
     ft_overrides: dict | None = None,
     report: bool = True,
 ) -> dict:
-    """Split, fine-tune, generate, pass, score. Returns metrics, timings and the student's training record."""
-    import numpy as np
+    """Split, fine-tune, generate, pass, score.
 
+    Returns a dict: ``metrics``, ``ablations``, ``times``, ``train`` (the student's training record), ``sizes``,
+    ``fingerprint``, ``traces``, ``out`` (the results folder), ``student`` (the fine-tuned checkpoint's Path),
+    ``members`` and ``nonmembers`` (the evaluated questions, as lists of ``Question``, in evaluation order).
+    """
     from distill_detect import api
     from distill_detect.blind import blind_scores
-    from distill_detect.data import load_questions, paper_split
+    from distill_detect.data import load_questions
     from distill_detect.finetune import FinetuneConfig, finetune
     from distill_detect.metrics import summarize
     from distill_detect.models import resolve_model
@@ -57,10 +72,9 @@ def student_experiment(
     from distill_detect.types import GenConfig
 
     times: dict[str, float] = {}
-    allq = load_questions(cfg["data"], require_response=True)
-    rng = np.random.default_rng(seed)
-    pool = [allq[i] for i in sorted(rng.choice(len(allq), size=min(pool_size, len(allq)), replace=False))]
-    members, nonmembers, evaluation = paper_split(pool, seed=seed)
+    pool, members, nonmembers, evaluation = draw_split(
+        load_questions(cfg["data"], require_response=True), pool_size=pool_size, seed=seed
+    )
     n = len(nonmembers)
     train = members[:n] if cfg["train_on"] == "evaluated" else members
     ft = {
@@ -126,4 +140,7 @@ def student_experiment(
         "fingerprint": fp,
         "traces": traces,
         "out": str(out),
+        "student": student,
+        "members": evaluation[:n],
+        "nonmembers": evaluation[n:],
     }

@@ -54,6 +54,30 @@ def _stderr_is_terminal() -> bool:
 
 
 @contextlib.contextmanager
+def quiet_progress_bars(show: bool):
+    """Silence transformers', huggingface_hub's and datasets' progress bars inside, unless ``show`` (on a terminal);
+    their previous state is restored on the way out."""
+    from distill_detect.errors import require
+
+    hf_logging = require("transformers.utils.logging", "hf", "Progress bars")
+    try:
+        import datasets
+    except ImportError:  # datasets comes with trl (the finetune extra)
+        datasets = None
+    was = hf_logging.is_progress_bar_enabled(), datasets is not None and datasets.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+        if datasets is not None:
+            datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
+        if datasets is not None:
+            (datasets.enable_progress_bars if was[1] else datasets.disable_progress_bars)()
+
+
+@contextlib.contextmanager
 def progress_bars_on_terminal_only():
     """Inside this block, third-party progress bars print only when stderr is a terminal.
 

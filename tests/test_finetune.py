@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from distill_detect.checkpoint_dir import last_complete_checkpoint
 from distill_detect.errors import ConfigError, InputError
 from distill_detect.finetune import (
     CHECKPOINTS,
@@ -29,7 +30,6 @@ from distill_detect.finetune import (
     config_from_args,
     encode_example,
     finetune,
-    last_complete_checkpoint,
 )
 from distill_detect.types import Question
 
@@ -545,3 +545,58 @@ def test_demo_silences_third_party_progress_bars_when_stderr_is_not_a_terminal()
     finally:
         (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
         (datasets.enable_progress_bars if was[1] else datasets.disable_progress_bars)()
+
+
+# -- the output-folder rules and the progress bars, without training -----------------------------------------
+
+
+def test_checkpoint_dir_one_writer_marker_last_and_same_run_or_nothing(tmp_path):
+    from distill_detect.checkpoint_dir import CheckpointDir
+
+    def job():
+        return CheckpointDir(tmp_path / "o", marker="done.json", run_file="run.json", what="job")
+
+    run = {"config": {"lr": 1}, "data_hash": "abc", "n_examples": 2}
+    d = job()
+    with d.lock():
+        with pytest.raises(ConfigError, match="another job is writing"), job().lock():
+            pass
+        assert d.claim(run) is None and d.resume_point() == (None, {})
+        (d.checkpoints / "checkpoint-3").mkdir()  # cut short: no trainer_state.json
+        staging = d.staging()
+        (staging / "w.safetensors").write_text("w")
+        d.publish(staging, {**d.marker_head(), **d.marker_tail(["pytest"])})
+    assert (d.path / "w.safetensors").read_text() == "w" and not staging.exists()
+    with job().lock() as again:
+        assert again.claim(run)["run_key"] == d.key
+        with pytest.raises(ConfigError, match=r"completed job with different settings \(lr: 1 -> 2\)"):
+            again.claim({**run, "config": {"lr": 2}})
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="does not hold a distill-detect job"):
+        CheckpointDir(tmp_path / "foreign", marker="done.json", what="job").lock().__enter__()
+
+
+def test_transformers_bars_are_silenced_in_the_gguf_conversion_when_stderr_is_not_a_terminal(capfd):
+    """What the first use of the embedded model runs (its save: 'Writing model shards') prints no bar into a log."""
+    import transformers.utils.logging as hf_logging
+    from tqdm.auto import tqdm
+
+    from distill_detect.models import progress_bars_on_terminal_only, quiet_progress_bars
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        with quiet_progress_bars(False):
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()  # restored
+        capfd.readouterr()
+        with progress_bars_on_terminal_only():  # stderr is captured here: not a terminal
+            for _ in hf_logging.tqdm(range(3), desc="Writing model shards"):
+                pass
+            for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors"):  # tqdm used directly
+                pass
+        err = capfd.readouterr().err
+        assert "Writing model shards" not in err and "de-quantizing" not in err and "\r" not in err, err
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
