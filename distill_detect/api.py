@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +51,15 @@ class QuestionSource:
     def load(self, src, *, label: int | None = None) -> list[Question]:
         if not isinstance(src, (str, Path)):
             qs = list(src)
-            return [q if label is None else Question(q.id, q.text, label, q.response) for q in qs]
+            return [q if label is None else dataclasses.replace(q, label=label) for q in qs]
         from distill_detect.data import load_questions
 
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         qs = load_questions(src, field=self.field, id_field=self.id_field, label=label)
         qs = qs[: self.limit] if self.limit else qs
+        if any(not q.response for q in qs):
+            qs = _with_answers(qs, src, self)
         self.files.update((q.id, str(src)) for q in qs)
         return qs
 
@@ -73,6 +76,28 @@ class QuestionSource:
 
             line = question_line(src, exc.path, field=self.field, id_field=self.id_field)
             raise InputError(src, f"question {exc.path!r}: {exc.problem}", line=line, field=exc.field) from None
+
+
+def _with_answers(qs: list[Question], src, source: QuestionSource) -> list[Question]:
+    """``qs`` with ``Question.answer`` from the file's ``answer`` field (the benchmark's final answer, read by the
+    text-only methods), where it is a string or a number; the file as it was when it has none."""
+    from distill_detect.data import read_records
+    from distill_detect.types import text_id
+
+    answers: dict[str, str] = {}
+    for _, rec in read_records(src):
+        a = rec.get("answer")
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)) or (isinstance(a, str) and not a.strip()):
+            continue
+        raw_id, text = rec.get(source.id_field), rec.get(source.field)
+        qid = (
+            str(raw_id)
+            if raw_id not in (None, "") and not isinstance(raw_id, bool)
+            else (text_id(text) if isinstance(text, str) else None)
+        )
+        if qid is not None:
+            answers[qid] = str(a)
+    return [dataclasses.replace(q, answer=answers[q.id]) if q.id in answers else q for q in qs]
 
 
 def resolve_methods(methods: str | Sequence[str] = "tpd", params: dict[str, dict] | None = None) -> dict[str, dict]:
@@ -188,7 +213,13 @@ def score_traces(traces: Sequence[Trace], methods: dict[str, dict], config: dict
     from distill_detect.scoring import score_traces as _score
 
     pipeline.check_trace_needs(traces, methods)
-    raw = _score(traces, methods)
+    with warnings.catch_warnings():
+        from distill_detect.detectors import get
+        from distill_detect.scoring import EmptyTraceWarning
+
+        if all(get(m).needs <= pipeline.TEXT_NEEDS for m in methods):  # they read text, not token counts
+            warnings.simplefilter("ignore", EmptyTraceWarning)
+        raw = _score(traces, methods)
     labels = [t.label for t in traces]
     metrics = evaluate(labels, raw, methods, n_resamples=bootstrap) if any(x is not None for x in labels) else None
     return Scores(list(traces), raw, methods, metrics, config)
@@ -211,11 +242,15 @@ def generate(questions, run, *, model: str | ModelSettings = "default", gen: Gen
 
 def score(source, *, methods: str | Sequence[str] = "tpd", params: dict | None = None, max_new_tokens: int | None = None,
           reference_model: str | None = None, batch_size: int = 8, bootstrap: int = 1000, out=None, report: bool = True,
-          log: Log = None) -> Scores:  # fmt: skip
+          log: Log = None, samples: int | None = None, temperature: float | None = None, top_p: float | None = None,
+          sample_seed: int | None = None) -> Scores:  # fmt: skip
     """Score stored traces: ``source`` is a run directory, a traces JSONL file, or a list of ``Trace``.
 
     Traces decoded to different caps are read at one budget (``max_new_tokens``, else the lowest
     cap any was cut at, with a warning). Passes that some baselines need run on the run's model.
+    The text-only methods read the run's stored sampled answers: those of its latest sampling
+    request, or those chosen by ``temperature``/``top_p``/``sample_seed``; ``samples=N`` reads the
+    first N of them (no model either way).
     """
     resolved = resolve_methods(methods, params)
     location = None
@@ -225,7 +260,8 @@ def score(source, *, methods: str | Sequence[str] = "tpd", params: dict | None =
         ref_factory, ref_id = reference_backend(reference_model, fp)
         pipeline.run_passes(source, list(resolved), student_factory=student, reference_factory=ref_factory,
                             reference_identity=ref_id, batch_size=batch_size, log=log)  # fmt: skip
-        traces, fp, counts = pipeline.read_run(source)
+        sampling = pipeline.choose_sampling(source, n=samples, temperature=temperature, top_p=top_p, seed=sample_seed)
+        traces, fp, counts = pipeline.read_run(source, sampling=sampling)
         if not traces:
             raise DistillDetectError(f"{source}: no traces stored yet; run 'distill-detect generate' first")
         if counts["questions"] > len(traces):
@@ -233,7 +269,7 @@ def score(source, *, methods: str | Sequence[str] = "tpd", params: dict | None =
 
             warnings.warn(f"{counts['questions'] - len(traces)} of {counts['questions']} questions in {source} have no "
                           "trace yet; run 'generate' again to finish (scoring what is there)", stacklevel=2)  # fmt: skip
-        src = {"run": str(Path(source).resolve()), "fingerprint": fp}
+        src = {"run": str(Path(source).resolve()), "fingerprint": fp, **({"sampling": sampling} if sampling else {})}
     elif isinstance(source, (str, Path)):  # a traces JSONL file
         from distill_detect.traceio import read_traces_jsonl
 
@@ -263,6 +299,7 @@ def run(members, nonmembers, *, out, model: str | ModelSettings = "default", met
     settings, gen, source = ModelSettings.of(model), gen or GenConfig(), source or QuestionSource()
     resolved = resolve_methods(methods, params)
     pipeline.check_decoding_feeds(list(resolved), gen.prompt_logprobs)
+    pipeline.check_sampling_feeds(list(resolved), gen)
     qs = combine_labelled(source.load(members), source.load(nonmembers), members_path=_name(members, "members"),
                           nonmembers_path=_name(nonmembers, "non-members"), field=source.field, id_field=source.id_field)  # fmt: skip
     budget = generation_budget(resolved, gen.max_new_tokens)
@@ -275,14 +312,20 @@ def run(members, nonmembers, *, out, model: str | ModelSettings = "default", met
         log(
             f"generated {s['generated']} questions, {s['tokens']} tokens in {s['seconds']:.0f}s ({s['tokens'] / s['seconds']:.1f} tok/s)"
         )
+    if s.get("samples_generated") and log:
+        log(
+            f"sampled {s['samples_generated']} answers ({s['sample_tokens']} tokens); {s['samples_already_done']} were already stored"
+        )
     wanted = {q.id for q in qs}
     fp = _fingerprint(run_dir)
     ref_factory, ref_id = reference_backend(reference_model, fp)
     pipeline.run_passes(run_dir, list(resolved), student_factory=settings.factory(gen), reference_factory=ref_factory,
                         reference_identity=ref_id, batch_size=gen.batch_size, ids=wanted, log=log)  # fmt: skip
-    traces, fp, _ = pipeline.read_run(run_dir, wanted)
+    sampling = {**_with(gen, max_new_tokens=budget).sampling(), "n": gen.samples} if gen.samples else None
+    traces, fp, _ = pipeline.read_run(run_dir, wanted, sampling=sampling)
     traces = pipeline.at_budget(traces, pipeline.read_budget(resolved, budget), where=run_dir)
-    config = {"source": {"run": str(run_dir.resolve()), "fingerprint": fp}, "reference_model": ref_id, "methods": resolved,
+    src = {"run": str(run_dir.resolve()), "fingerprint": fp, **({"sampling": sampling} if sampling else {})}
+    config = {"source": src, "reference_model": ref_id, "methods": resolved,
               "members": _name(members, "members"), "nonmembers": _name(nonmembers, "non-members"), "limit": source.limit, "max_new_tokens": budget,
               "model_location": _model_location(run_dir)}  # fmt: skip
     res = score_traces(traces, resolved, config, bootstrap=bootstrap)

@@ -28,16 +28,23 @@ EXAMPLES = {
     "generate": """example:
   distill-detect generate --questions bundled:gsm8k_test --limit 20 --out runs/gsm8k --max-new-tokens 300
   distill-detect generate --model ./my-student --questions bench.jsonl --field problem --out runs/bench --batch-size 8
+  distill-detect generate --questions bundled:gsm8k_test --limit 20 --out runs/gsm8k --max-new-tokens 300 --samples 8 --temperature 1.0
+  distill-detect generate --backend openai --base-url http://127.0.0.1:8000/v1 --model served --endpoint chat --no-logprobs \
+      --questions bench.jsonl --out runs/api --samples 8   # a server that returns text only (docs/black-box.md)
 
 Run the same command again after an interruption: finished questions are kept, the rest are generated.""",
     "score": """example:
   distill-detect score --run runs/gsm8k --out results/gsm8k
-  distill-detect score --traces api_logs.jsonl --out results/api --tpd-tokens 100 --tpd-alpha 0.4""",
+  distill-detect score --traces api_logs.jsonl --out results/api --tpd-tokens 100 --tpd-alpha 0.4
+  distill-detect score --run runs/gsm8k --out results/text --methods cdd,answer_agree,answer_correct --samples 4
+  distill-detect score --run runs/gsm8k --out results/t08 --methods cdd --temperature 0.8 --param cdd.alpha=0.1""",
     "export": """example:
   distill-detect export --run runs/gsm8k --out gsm8k_traces.jsonl""",
     "run": """example:
   distill-detect run --members bundled:gsm8k_train_sample --nonmembers bundled:gsm8k_test --limit 32 --out results/demo --max-new-tokens 64
-  distill-detect run --model ./student --members seen.jsonl --nonmembers unseen.jsonl --out results/student""",
+  distill-detect run --model ./student --members seen.jsonl --nonmembers unseen.jsonl --out results/student
+  distill-detect run --model ./student --members seen.jsonl --nonmembers unseen.jsonl --out results/text \
+      --methods tpd,cdd,answer_agree,answer_correct --samples 8 --temperature 1.0""",
 }
 
 
@@ -64,9 +71,40 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="hf backend on CPU: decode through transformers' modules instead of the fused Llama-family forward")  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=1000, help="cap on generated tokens (default: 1000)")
     g.add_argument("--no-prompt-logprobs", action="store_true", help="skip question-token log-probs (only TPD/output methods)")
+    sampling_args(p)
     from distill_detect.backends.capabilities import add_backend_args
 
     add_backend_args(p, shard=p.prog.endswith("generate"))
+
+
+def sampling_args(p: argparse.ArgumentParser, *, select: bool = False) -> None:
+    """Sampled answers for the text-only methods (docs/black-box.md); with ``select``, which stored ones ``score`` reads."""
+    g = p.add_argument_group(
+        "sampled answers (text-only methods: cdd, answer_agree)" if not select else "sampled answers (which stored ones to read)"
+    )
+    if select:
+        g.add_argument("--samples", type=int, default=None, metavar="N",
+                       help="read the first N stored sampled answers per question (default: as many as the run's latest request), e.g. --samples 4")  # fmt: skip
+        g.add_argument("--temperature", type=float, default=None,
+                       help="read the answers sampled at this temperature (default: the run's latest sampling request), e.g. --temperature 0.8")  # fmt: skip
+        g.add_argument("--top-p", type=float, default=None, help="read the answers sampled with this top-p, e.g. --top-p 0.95")
+        g.add_argument(
+            "--sample-seed", type=int, default=None, help="read the answers sampled with this seed, e.g. --sample-seed 1"
+        )
+        return
+    g.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="also sample N answers per question at --temperature (default 0: greedy only), stored beside the greedy "
+                        "traces, e.g. --samples 8 --methods cdd,answer_agree")  # fmt: skip
+    g.add_argument(
+        "--temperature", type=float, default=1.0, help="temperature of the sampled answers (default 1.0), e.g. --temperature 0.8"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus cut of the sampled answers (default 1.0: none), e.g. --top-p 0.95"
+    )
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the sampled answers (default 0), e.g. --sample-seed 1")
+    g.add_argument("--no-logprobs", action="store_true",
+                   help="text only, for servers that return no log-probabilities (--backend openai): only the text-only "
+                        "methods run, e.g. --no-logprobs --samples 8 --methods cdd,answer_agree")  # fmt: skip
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +160,8 @@ def settings(args):
 
     model = ModelSettings(**{f.name: getattr(args, f.name) for f in fields(ModelSettings) if hasattr(args, f.name)})
     gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system_prompt=args.system_prompt,
-                    prompt_logprobs=not args.no_prompt_logprobs)  # fmt: skip
+                    prompt_logprobs=not args.no_prompt_logprobs, samples=args.samples, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.sample_seed, logprobs=not args.no_logprobs)  # fmt: skip
     return model, gen, QuestionSource(field=args.field, id_field=args.id_field, limit=args.limit)
 
 
@@ -149,6 +188,9 @@ def cmd_generate(args) -> int:
     filled = f", prompt log-probs filled in for {s['prompts_filled']}" if s.get("prompts_filled") else ""
     say(f"{args.out}: {s['planned']} questions, {s['generated']} generated now ({s['tokens']} tokens{rate}), "
         f"{s['already_done']} already stored{filled}")  # fmt: skip
+    if "samples_generated" in s:
+        say(f"{args.out}: {s['samples_generated']} sampled answers generated now ({s['sample_tokens']} tokens), "
+            f"{s['samples_already_done']} already stored")  # fmt: skip
     return 0
 
 
@@ -158,9 +200,13 @@ def cmd_score(args) -> int:
     if bool(args.run) == bool(args.traces):
         raise ConfigError("give exactly one of --run RUN or --traces T.jsonl")
     methods, params = method_params(args)
+    picked = (args.samples, args.temperature, args.top_p, args.sample_seed)
+    if args.traces and any(v is not None for v in picked):
+        raise ConfigError("--samples/--temperature/--top-p/--sample-seed choose a run's stored sampled answers: use --run RUN")
     res = api.score(args.run or args.traces, methods=methods, params=params, max_new_tokens=args.max_new_tokens,
                     reference_model=args.reference_model, batch_size=args.batch_size, bootstrap=args.bootstrap,
-                    out=args.out, report=not args.no_report, log=say)  # fmt: skip
+                    out=args.out, report=not args.no_report, log=say, samples=args.samples, temperature=args.temperature,
+                    top_p=args.top_p, sample_seed=args.sample_seed)  # fmt: skip
     print_scores(res)
     return 0
 
@@ -272,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="read every trace at this many tokens (default: the lowest cap any trace was cut at, if they differ)")  # fmt: skip
     method_args(p)
+    sampling_args(p, select=True)
     p.add_argument("--batch-size", type=int, default=8, help="batch size of extra model passes (lowercase, reference)")
     p.set_defaults(func=cmd_score)
 

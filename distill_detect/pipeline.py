@@ -43,6 +43,56 @@ def check_decoding_feeds(methods: Sequence[str], prompt_logprobs: bool) -> None:
         )
 
 
+TEXT_NEEDS = frozenset({"output_text", "output_samples", "solution", "question"})
+"""Need words that no log-probability feeds: what a model behind a text-only API can still give."""
+
+
+def text_only_methods() -> list[str]:
+    """The registered methods that read no log-probabilities."""
+    from distill_detect.detectors import REGISTRY
+
+    return [m for m, d in REGISTRY.items() if d.needs <= TEXT_NEEDS]
+
+
+def check_sampling_feeds(methods: Sequence[str], gen) -> None:
+    """Refuse, before any model time, methods the sampling settings cannot feed: sampled-answer methods
+    without --samples, and log-probability methods with --no-logprobs (naming the methods left)."""
+    from distill_detect.detectors import get
+
+    if not gen.samples:
+        bad = [m for m in methods if "output_samples" in get(m).needs]
+        if bad:
+            raise ConfigError(
+                f"--methods {','.join(bad)} read answers sampled at a temperature: add --samples N "
+                "(e.g. --samples 8 --temperature 1.0 --sample-seed 0)"
+            )
+    if not gen.logprobs:
+        bad = [m for m in methods if not get(m).needs <= TEXT_NEEDS]
+        if bad:
+            raise ConfigError(
+                f"--no-logprobs records text only, so --methods {','.join(bad)} cannot run; the methods left are "
+                f"{', '.join(text_only_methods())} (drop --no-logprobs if the server returns log-probabilities)"
+            )
+
+
+def text_only_factory(factory: Callable[[], object]) -> Callable[[], object]:
+    """``factory`` whose backend asks for no log-probabilities (``GenConfig.logprobs=False``)."""
+
+    def make():
+        backend = factory()
+        if not hasattr(backend, "text_only"):
+            name = getattr(backend, "name", "?")
+            backend.close()
+            raise ConfigError(
+                f"--no-logprobs is for servers that return text only (--backend openai); the {name} backend always "
+                "records log-probabilities, so leave --no-logprobs out"
+            )
+        backend.text_only()
+        return backend
+
+    return make
+
+
 def check_identity(store: TraceStore, identity: dict | None) -> None:
     """Refuse a run made with another model/backend/system prompt, comparing only what ``identity`` knows."""
     old = store.get_meta("fingerprint")
@@ -71,7 +121,8 @@ def _subset(old: dict, new: dict) -> dict:
 
 
 def generate_run(questions: Sequence[Question], run_dir, backend_factory: Callable[[], object], *, max_new_tokens: int,
-                 batch_size: int = 8, identity: dict | None = None, fill_prompts: bool = False, log=None) -> dict:  # fmt: skip
+                 batch_size: int = 8, identity: dict | None = None, fill_prompts: bool = False, log=None,
+                 sampling: dict | None = None) -> dict:  # fmt: skip
     """Generate every question of ``questions`` into ``run_dir`` that lacks a complete trace.
 
     ``identity`` (``ModelSettings.identity``) is checked against the run FIRST, so a finished
@@ -80,6 +131,11 @@ def generate_run(questions: Sequence[Question], run_dir, backend_factory: Callab
     without prompt log-probabilities get them from a teacher-forced pass. Batches are formed
     from questions of similar length and committed one at a time. Returns counts: planned,
     generated now, already done, tokens generated now, prompts filled in, seconds.
+
+    ``sampling`` (``{**GenConfig.sampling(), "n": N}``): also N answers per question sampled with
+    those settings by the same backend, stored apart from the greedy traces (``store.samples``) and
+    generated only where missing; adds the counts ``samples_generated``, ``samples_already_done``,
+    ``sample_tokens``. The benchmark's own solutions of the questions are recorded too.
     """
     t0 = time.time()
     store = TraceStore(run_dir, create=True)
@@ -91,7 +147,13 @@ def generate_run(questions: Sequence[Question], run_dir, backend_factory: Callab
         no_prompt = store.missing_prompt_ids() & {q.id for q in questions} - {q.id for q in todo} if fill_prompts else set()
         summary = {"planned": len(questions), "generated": 0, "already_done": len(questions) - len(todo), "tokens": 0}
         summary["prompts_filled"] = 0
-        if not todo and not no_prompt:
+        pairs = store.samples_missing(sampling, sampling["n"], [q.id for q in questions]) if sampling else []
+        if sampling:
+            summary.update(samples_generated=0, samples_already_done=len(questions) * sampling["n"] - len(pairs), sample_tokens=0)
+        _record_solutions(store, questions)
+        if not todo and not no_prompt and not pairs:
+            if sampling and store.get_meta("fingerprint") is not None:
+                store.set_meta("sampling", sampling)
             summary["seconds"] = time.time() - t0
             return summary
         if log and summary["already_done"] and todo:
@@ -106,10 +168,47 @@ def generate_run(questions: Sequence[Question], run_dir, backend_factory: Callab
                 if log:
                     log(f"filling in the prompt log-probabilities of {len(no_prompt)} traces generated without them")
                 _fill_prompts(backend, store, [q for q in questions if q.id in no_prompt], batch_size, summary)
+            if sampling:
+                store.set_meta("sampling", sampling)
+                if pairs:
+                    by_id = {q.id: q for q in questions}
+                    if log and summary["samples_already_done"]:
+                        log(f"resuming the sampled answers: {summary['samples_already_done']} already stored")
+                    _sample(backend, store, [(by_id[i], k) for i, k in pairs], sampling, batch_size, summary)
         summary["seconds"] = time.time() - t0
         return summary
     finally:
         store.close()
+
+
+def _record_solutions(store: TraceStore, questions: Sequence[Question]) -> None:
+    """Store the benchmark's own solution or answer of each question that has one and lacks it (no model needed)."""
+    have = store.solutions()
+    new = {q.id: q.solution for q in questions if getattr(q, "solution", None) and have.get(q.id) != q.solution}
+    if new:
+        store.put_solutions(new)
+
+
+def _sample(
+    backend, store: TraceStore, pairs: list[tuple[Question, int]], sampling: dict, batch_size: int, summary: dict
+) -> None:
+    """Sampled answers for the (question, k) ``pairs``, ``batch_size`` at a time, each batch committed."""
+    if "samples" not in getattr(backend, "capabilities", ()) and not hasattr(backend, "sample"):
+        raise ConfigError(f"the {getattr(backend, 'name', '?')} backend cannot sample answers; use another --backend")
+    kw = {k: sampling[k] for k in ("temperature", "top_p", "seed", "max_new_tokens")}
+    bar = _progress(len(pairs), "sampling", unit="answer")
+    try:
+        for i in range(0, len(pairs), batch_size):
+            batch = pairs[i : i + batch_size]
+            got = backend.sample(batch, **kw)
+            store.put_samples(sampling, [(q.id, k, s.text, s.num_tokens, s.finish_reason) for (q, k), s in zip(batch, got)])
+            summary["samples_generated"] += len(batch)
+            summary["sample_tokens"] += sum(s.num_tokens for s in got)
+            bar.update(len(batch))
+    except KeyboardInterrupt:
+        raise GenerationInterrupted(summary, store.dir) from None
+    finally:
+        bar.close()
 
 
 def _decode(backend, store: TraceStore, todo: list[Question], max_new_tokens: int, batch_size: int, summary: dict) -> None:
@@ -175,7 +274,11 @@ def generate(questions: Sequence[Question], run_dir, settings, gen, *, methods: 
     from distill_detect.distributed import generate_run_ray, parse_shard, shard_questions
 
     check_decoding_feeds(methods, gen.prompt_logprobs)
+    check_sampling_feeds(methods, gen)
     factory = settings.factory(gen, methods)
+    if not gen.logprobs:
+        factory = text_only_factory(factory)
+    sampling = {**gen.sampling(), "n": gen.samples} if gen.samples else None
     if settings.shard:
         i, n = parse_shard(settings.shard)
         before, questions = len(questions), shard_questions(questions, i, n)
@@ -184,7 +287,7 @@ def generate(questions: Sequence[Question], run_dir, settings, gen, *, methods: 
     identity = settings.identity(gen)
     if not settings.workers:
         return generate_run(questions, run_dir, factory, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-                            identity=identity, fill_prompts=gen.prompt_logprobs, log=log)  # fmt: skip
+                            identity=identity, fill_prompts=gen.prompt_logprobs, log=log, sampling=sampling)  # fmt: skip
     gpus = (
         float(settings.tensor_parallel_size or 1)
         if settings.backend == "vllm"
@@ -192,8 +295,13 @@ def generate(questions: Sequence[Question], run_dir, settings, gen, *, methods: 
     )
     with TraceStore(run_dir, create=True) as store:
         check_identity(store, identity)
-    return generate_run_ray(questions, run_dir, factory, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
-                            workers=settings.workers, address=settings.ray_address, num_gpus=gpus, log=log)  # fmt: skip
+    summary = generate_run_ray(questions, run_dir, factory, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                               workers=settings.workers, address=settings.ray_address, num_gpus=gpus, log=log)  # fmt: skip
+    if sampling:  # the sampled answers in this process (greedy traces are all there now, so only sampling is left)
+        s = generate_run(questions, run_dir, factory, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                         identity=identity, log=log, sampling=sampling)  # fmt: skip
+        summary.update({k: v for k, v in s.items() if k.startswith("sample")})
+    return summary
 
 
 # -- extra passes ------------------------------------------------------------------------------------
@@ -227,9 +335,14 @@ def run_passes(
         for name in needed:
             p = PASSES[name]
             if p.model == "reference" and reference_factory is None:
-                raise ConfigError(
-                    "methods 'reference' and 'tpd_ref' need --reference-model: the model before distillation (the student's base)"
-                )
+                # Arrays a reference computed earlier serve (the store keeps which model that was); else ask for one.
+                lacking = store.extras_missing(p.produces, None)
+                if lacking & ids if ids is not None else lacking:
+                    raise ConfigError(
+                        f"methods {', '.join(sorted(m for m in methods if _uses(m, p)))} need --reference-model: "
+                        "the model before distillation (the student's base)"
+                    )
+                continue
             pass_fp = {"pass": name, "student": run_fp, **({"reference": reference_identity} if p.model == "reference" else {})}
             todo_ids = store.extras_missing(p.produces, pass_fp)
             todo_ids = todo_ids & ids if ids is not None else todo_ids
@@ -253,14 +366,61 @@ def run_passes(
     return done
 
 
+def _uses(method: str, p) -> bool:
+    from distill_detect.detectors import get
+
+    return any(n[len("extra:") :] in p.produces for n in get(method).needs if n.startswith("extra:"))
+
+
 # -- reading traces at one budget --------------------------------------------------------------------
 
 
-def read_run(run_dir, ids: set[str] | None = None) -> tuple[list[Trace], dict | None, dict]:
-    """(traces, fingerprint, counts) of a run, read once; traces in input order (only ``ids`` if given)."""
+def read_run(run_dir, ids: set[str] | None = None, sampling: dict | None = None) -> tuple[list[Trace], dict | None, dict]:
+    """(traces, fingerprint, counts) of a run, read once; traces in input order (only ``ids`` if given).
+
+    Sampled answers are attached as ``Trace.samples``: those of ``sampling`` (``{**GenConfig.sampling(),
+    "n": N}``), else of the run's latest sampling request (none when the run has none).
+    """
     with TraceStore(run_dir) as store:
-        traces = [t for t in store.traces() if ids is None or t.id in ids]
+        sampling = sampling or store.get_meta("sampling")
+        traces = [t for t in store.traces(sampling=sampling) if ids is None or t.id in ids]
         return traces, store.get_meta("fingerprint"), store.counts()
+
+
+def choose_sampling(run_dir, *, n: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                    seed: int | None = None, max_new_tokens: int | None = None) -> dict | None:  # fmt: skip
+    """The stored sampling setting that ``score`` reads: the run's latest request, narrowed by what is given.
+
+    Refuses, naming the flags, a choice that matches no stored setting or matches several.
+    """
+    with TraceStore(run_dir) as store:
+        stored = store.sample_settings()
+        latest = store.get_meta("sampling")
+    given = {"temperature": temperature, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        pick = latest or (stored[-1] if stored else None)
+    else:
+        match = [s for s in stored if all(s[k] == (float(v) if k in ("temperature", "top_p") else v) for k, v in given.items())]
+        if not match:
+            have = "; ".join(_sampling_words(s) for s in stored) or "none"
+            raise ConfigError(f"{run_dir} holds no answers sampled with {_sampling_words(given)} (stored: {have}); "
+                              "choose one with --temperature/--top-p/--sample-seed")  # fmt: skip
+        if len(match) > 1:
+            have = "; ".join(_sampling_words(s) for s in match)
+            raise ConfigError(f"{run_dir} holds several sampling settings that match ({have}); "
+                              "name one with --temperature, --top-p, --sample-seed and --max-new-tokens")  # fmt: skip
+        pick = match[0]
+    if pick is None:
+        return None
+    if n is not None:
+        pick = {**pick, "n": int(n)}
+    return pick
+
+
+def _sampling_words(s: dict) -> str:
+    names = {"temperature": "temperature", "top_p": "top-p", "seed": "sample-seed", "max_new_tokens": "max-new-tokens", "n": "N"}
+    return ", ".join(f"{names[k]} {s[k]}" for k in names if k in s)
 
 
 def read_budget(methods: dict[str, dict], max_new_tokens: int) -> int | None:

@@ -11,7 +11,9 @@ Layout of ``RUN/``:
   planned questions in input order, with labels), ``traces`` (one row per question,
   arrays as little-endian float32/int32 blobs) and ``extras`` (arrays added by later
   passes, e.g. a reference model's log-probs, keyed by question, name and the pass's
-  fingerprint).
+  fingerprint), ``samples`` (answers sampled at a temperature for the text-only methods, keyed by
+  question, the sampling settings ``GenConfig.sampling()`` as JSON, and the answer's index k) and
+  ``solutions`` (the benchmark's own solution or answer of a question, from the question file).
 * ``.lock``: held with ``flock`` while a process writes; a second writer is refused
   at once with the holder's pid instead of interleaving.
 
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from distill_detect.errors import ConfigError, DistillDetectError
-from distill_detect.types import TRACE_ARRAYS, Question, Trace
+from distill_detect.types import TRACE_ARRAYS, Question, Samples, Trace
 
 SCHEMA = 1
 DB_NAME = "traces.sqlite"
@@ -64,6 +66,12 @@ CREATE TABLE IF NOT EXISTS extras (
     id TEXT NOT NULL, name TEXT NOT NULL, pass_fp TEXT NOT NULL, dtype TEXT NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (id, name)
 );
+CREATE TABLE IF NOT EXISTS samples (
+    id TEXT NOT NULL, setting TEXT NOT NULL, k INTEGER NOT NULL, text TEXT NOT NULL, num_tokens INTEGER NOT NULL,
+    finish_reason TEXT, created REAL NOT NULL,
+    PRIMARY KEY (id, setting, k)
+);
+CREATE TABLE IF NOT EXISTS solutions (id TEXT PRIMARY KEY, solution TEXT NOT NULL);
 """
 
 
@@ -327,17 +335,26 @@ class TraceStore:
         with self._tx():
             self.db.executemany("INSERT OR REPLACE INTO extras (id, name, pass_fp, dtype, data) VALUES (?, ?, ?, ?, ?)", rows)
 
-    def extras_missing(self, names: Iterable[str], pass_fp: dict) -> set[str]:
-        """Question ids with a trace that lack any of ``names`` computed under ``pass_fp``."""
-        fp = json.dumps(pass_fp, sort_keys=True)
+    def extras_missing(self, names: Iterable[str], pass_fp: dict | None) -> set[str]:
+        """Question ids with a trace that lack any of ``names`` computed under ``pass_fp`` (None: under any)."""
+        if pass_fp is None:
+            rows = self.db.execute("SELECT id, name FROM extras")
+        else:
+            rows = self.db.execute("SELECT id, name FROM extras WHERE pass_fp = ?", (json.dumps(pass_fp, sort_keys=True),))
         have: dict[str, set] = {}
-        for qid, name in self.db.execute("SELECT id, name FROM extras WHERE pass_fp = ?", (fp,)):
+        for qid, name in rows:
             have.setdefault(qid, set()).add(name)
         want = set(names)
         return {qid for (qid,) in self.db.execute("SELECT id FROM traces") if not want <= have.get(qid, set())}
 
-    def traces(self, *, complete_for: int | None = None) -> Iterator[Trace]:
-        """All stored traces in input order, with labels from the question plan and extras attached."""
+    def traces(self, *, complete_for: int | None = None, sampling: dict | None = None) -> Iterator[Trace]:
+        """All stored traces in input order, with labels from the question plan, extras and solutions attached.
+
+        ``sampling``: ``{**GenConfig.sampling(), "n": N}`` attaches the first N stored answers sampled with
+        those settings (fewer where fewer are stored) as ``Trace.samples``; None attaches none.
+        """
+        samples = self.samples(sampling, n=sampling.get("n")) if sampling else {}
+        solutions = self.solutions()
         extras: dict[str, dict] = {}
         for qid, name, dt, data in self.db.execute("SELECT id, name, dtype, data FROM extras"):
             extras.setdefault(qid, {})[name] = np.frombuffer(data, dtype=dt).astype(np.int32 if dt == "<i4" else np.float32)
@@ -362,8 +379,71 @@ class TraceStore:
                 max_new_tokens=cap,
                 output_text=out_text,
                 extra=extras.get(qid, {}),
+                samples=samples.get(qid),
+                solution=solutions.get(qid),
                 **arrays,
             )
+
+    # -- sampled answers and solutions -------------------------------------------------------------
+
+    @staticmethod
+    def sampling_key(sampling: dict) -> str:
+        """The stored key of a sampling setting: ``GenConfig.sampling()`` (without N) as sorted JSON."""
+        keep = {k: sampling[k] for k in ("temperature", "top_p", "seed", "max_new_tokens")}
+        keep["temperature"], keep["top_p"] = float(keep["temperature"]), float(keep["top_p"])
+        keep["seed"], keep["max_new_tokens"] = int(keep["seed"]), int(keep["max_new_tokens"])
+        return json.dumps(keep, sort_keys=True)
+
+    def sample_settings(self) -> list[dict]:
+        """Every sampling setting stored in this run, with ``n``: the most answers any question has under it."""
+        rows = self.db.execute("SELECT setting, MAX(k) + 1 FROM samples GROUP BY setting ORDER BY MIN(created)").fetchall()
+        return [{**json.loads(key), "n": int(n)} for key, n in rows]
+
+    def samples_missing(self, sampling: dict, n: int, ids: Iterable[str]) -> list[tuple[str, int]]:
+        """(question id, k) pairs among ``ids`` x range(n) not stored under ``sampling``, in the order of ``ids``."""
+        key = self.sampling_key(sampling)
+        have = set(self.db.execute("SELECT id, k FROM samples WHERE setting = ? AND k < ?", (key, n)))
+        return [(qid, k) for qid in ids for k in range(n) if (qid, k) not in have]
+
+    def put_samples(self, sampling: dict, rows: Iterable[tuple[str, int, str, int, str | None]]) -> None:
+        """Store one batch of sampled answers atomically: rows of (question id, k, text, num_tokens, finish_reason)."""
+        key, now = self.sampling_key(sampling), time.time()
+        data = [(qid, key, int(k), text, int(ntok), finish, now) for qid, k, text, ntok, finish in rows]
+        with self._tx():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO samples (id, setting, k, text, num_tokens, finish_reason, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                data,
+            )
+
+    def samples(self, sampling: dict, *, n: int | None = None) -> dict[str, Samples]:
+        """{question id: Samples}: the answers stored under ``sampling``, the first ``n`` (k < n) when given."""
+        key = self.sampling_key(sampling)
+        got: dict[str, list] = {}
+        q = "SELECT id, k, text, num_tokens FROM samples WHERE setting = ? AND k < ? ORDER BY id, k"
+        for qid, k, text, ntok in self.db.execute(q, (key, n if n is not None else 2**62)):
+            got.setdefault(qid, []).append((k, text, ntok))
+        settings = json.loads(key)
+        out = {}
+        for qid, rows in got.items():
+            # Only the unbroken run k = 0, 1, ...: answer k means the same in every question.
+            rows = [r for i, r in enumerate(rows) if r[0] == i]
+            out[qid] = Samples(texts=tuple(r[1] for r in rows), num_tokens=tuple(int(r[2]) for r in rows), **settings)
+        return out
+
+    def sample_counts(self) -> dict:
+        """{answers stored, tokens they took} over every setting (the cost of sampling)."""
+        n, tok = self.db.execute("SELECT COUNT(*), COALESCE(SUM(num_tokens), 0) FROM samples").fetchone()
+        return {"samples": int(n), "sample_tokens": int(tok)}
+
+    def put_solutions(self, solutions: dict[str, str]) -> None:
+        """Record the benchmark's own solution or answer of questions (from the question file): {id: text}."""
+        rows = [(qid, text) for qid, text in solutions.items() if text]
+        if rows:
+            with self._tx():
+                self.db.executemany("INSERT OR REPLACE INTO solutions (id, solution) VALUES (?, ?)", rows)
+
+    def solutions(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT id, solution FROM solutions"))
 
     def counts(self) -> dict:
         n_q = self.db.execute("SELECT COUNT(*) FROM questions").fetchone()[0]
@@ -376,7 +456,9 @@ class TraceStore:
         orphans = self.db.execute("SELECT COUNT(*) FROM traces WHERE id NOT IN (SELECT id FROM questions)").fetchone()[0]
         if orphans:
             problems.append(f"{orphans} traces without a planned question")
-        bad = self.db.execute("SELECT COUNT(*) FROM traces WHERE num_tokens != LENGTH(output_logprobs) / 4").fetchone()[0]
+        bad = self.db.execute(
+            "SELECT COUNT(*) FROM traces WHERE output_logprobs IS NOT NULL AND num_tokens != LENGTH(output_logprobs) / 4"
+        ).fetchone()[0]
         if bad:
             problems.append(f"{bad} traces whose token count does not match their arrays")
         return problems

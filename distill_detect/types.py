@@ -37,26 +37,51 @@ class Question:
     """1 = member (was in the distillation data), 0 = non-member, None = unknown."""
     response: str | None = None
     """A reference answer or teacher trace, when the input has one (used by ``finetune``)."""
+    answer: str | None = None
+    """The benchmark's reference final answer (the input's ``answer`` field), when it has one; the
+    text-only methods compare with it (``response``, a worked solution, is preferred when both exist)."""
+
+    @property
+    def solution(self) -> str | None:
+        """The benchmark's own solution or final answer for the text-only methods: ``response``, else ``answer``."""
+        return self.response if self.response and self.response.strip() else (self.answer or None)
 
 
 @dataclass(frozen=True)
 class GenConfig:
     """Decoding settings, read by every backend and by the run's fingerprint.
 
-    Greedy only: TPD is defined on greedy decoding (PAPER.md). ``system_prompt`` and the
-    decoding mode change what is generated and so enter the fingerprint; the cap is tracked
-    per trace instead; ``batch_size`` changes speed only; ``prompt_logprobs`` adds arrays
-    that can be filled in later without regenerating.
+    Greedy decoding makes the traces every log-probability method reads (TPD is defined on
+    greedy decoding, PAPER.md). ``system_prompt`` and the decoding mode change what is
+    generated and so enter the fingerprint; the cap is tracked per trace instead;
+    ``batch_size`` changes speed only; ``prompt_logprobs`` adds arrays that can be filled in
+    later without regenerating.
+
+    ``samples`` > 0 adds N answers per question sampled at ``temperature``/``top_p`` with
+    ``seed``, for the text-only methods (docs/black-box.md). They are stored beside the greedy
+    traces, keyed by ``sampling()``, so they never change a greedy trace and another setting is
+    stored separately. ``logprobs=False`` records only the text (servers that return no
+    log-probabilities); then only the text-only methods can run.
     """
 
     max_new_tokens: int = 1000
-    """Cap on generated tokens per question (the paper's code uses 1000)."""
+    """Cap on generated tokens per question (the paper's code uses 1000); sampled answers use the same cap."""
     batch_size: int = 8
-    """Questions decoded together. Changes speed, not results (within 1e-4 in float32)."""
+    """Questions decoded together (sampled answers: rows decoded together). Changes speed, not results (within 1e-4 in float32)."""
     system_prompt: str | None = None
     """System turn; None keeps the chat template's own default."""
     prompt_logprobs: bool = True
     """Also record log-probabilities of the prompt tokens (for the input-likelihood baselines)."""
+    samples: int = 0
+    """Answers sampled per question besides the greedy one (0: greedy only). The text-only methods read them."""
+    temperature: float = 1.0
+    """Sampling temperature of those answers (> 0; the greedy answer is unaffected)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p (1.0: all)."""
+    seed: int = 0
+    """Seed of the sampled answers: answer k of a question is a function of (seed, question id, k)."""
+    logprobs: bool = True
+    """Record the generated tokens' log-probabilities (False: text only, --backend openai; only text-only methods)."""
 
     def __post_init__(self) -> None:
         for name, hint in (("max_new_tokens", "TPD reads the first 300 tokens by default, so 300 or more is typical"),
@@ -64,10 +89,55 @@ class GenConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}; {hint}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise ConfigError(f"--samples must be an integer >= 0, got {self.samples!r}; e.g. --samples 8 (0: greedy only)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--sample-seed must be an integer >= 0, got {self.seed!r}")
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < float(t) <= 10):
+            raise ConfigError(f"--temperature must be in (0, 10], got {t!r}; e.g. --temperature 1.0 (greedy needs no flag)")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < float(p) <= 1):
+            raise ConfigError(f"--top-p must be in (0, 1], got {p!r}; e.g. --top-p 0.95 (1.0: no cut)")
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_p", float(p))
 
     def fingerprint(self) -> dict:
-        """The settings that change what is generated (the cap is tracked per trace instead)."""
+        """The settings that change the greedy traces (the cap is tracked per trace instead; sampling is keyed apart)."""
         return {"decoding": "greedy", "system_prompt": self.system_prompt}
+
+    def sampling(self) -> dict | None:
+        """What identifies the sampled answers (beside the run's fingerprint): None when none are asked for.
+
+        N is not part of it: answer k is the same whatever N, so N = 4 reads the first 4 of N = 16.
+        """
+        if not self.samples:
+            return None
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass(frozen=True)
+class Samples:
+    """The answers sampled for one question, with the settings that made them (``GenConfig.sampling``)."""
+
+    texts: tuple[str, ...]
+    """Answer k at index k (special tokens removed)."""
+    temperature: float
+    top_p: float
+    seed: int
+    max_new_tokens: int
+    num_tokens: tuple[int, ...] = ()
+    """Generated tokens of each answer (what sampling cost)."""
+
+    @property
+    def n(self) -> int:
+        return len(self.texts)
+
+    def first(self, n: int) -> Samples:
+        """The first ``n`` answers (answer k does not depend on how many were drawn)."""
+        return replace(self, texts=self.texts[:n], num_tokens=self.num_tokens[:n])
+
+    def settings(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,8 +146,9 @@ class Trace:
 
     id: str
     """The question's id."""
-    output_logprobs: np.ndarray = field(metadata={"dtype": "float32", "aligned": "output"})
-    """float32 [T]: log p(emitted token) at each generated step, in generation order (all <= 0)."""
+    output_logprobs: np.ndarray | None = field(metadata={"dtype": "float32", "aligned": "output"})
+    """float32 [T]: log p(emitted token) at each generated step, in generation order (all <= 0).
+    None only for a text-only trace (``GenConfig.logprobs=False``: a server that returns none)."""
     output_ids: np.ndarray | None = field(
         default=None, metadata={"dtype": "int32", "aligned": "output", "json": "output_token_ids"}
     )
@@ -106,24 +177,40 @@ class Trace:
     """float32 [P]: std of log p(v) at each question-token position."""
     extra: dict = field(default_factory=dict)
     """Per-trace arrays computed later by other passes (e.g. ``reference_output_logprobs``)."""
+    samples: Samples | None = None
+    """Answers sampled at a temperature for the text-only methods (None: none were drawn). A field of
+    its own, not ``extra``: ``extra`` holds number arrays aligned with tokens, cut by ``at_budget``."""
+    solution: str | None = None
+    """The benchmark's own solution or final answer for this question (from the question file)."""
 
     def __post_init__(self) -> None:
         for name, dtype in TRACE_ARRAYS.items():
             value = getattr(self, name)
-            if value is not None or name == "output_logprobs":
+            if value is not None:
                 object.__setattr__(self, name, np.asarray(value, dtype=dtype).reshape(-1))
-        if self.output_ids is not None and len(self.output_ids) != len(self.output_logprobs):
+        if self.output_logprobs is None and self.output_text is None:
+            raise ValueError(f"trace {self.id}: output_logprobs is None and there is no output_text (a text-only trace has text)")
+        if self.output_ids is not None and self.output_logprobs is not None and len(self.output_ids) != len(self.output_logprobs):
             raise ValueError(
                 f"trace {self.id}: {len(self.output_ids)} output_ids but {len(self.output_logprobs)} output_logprobs"
             )
 
     @property
     def num_tokens(self) -> int:
-        return int(len(self.output_logprobs))
+        """Generated tokens with log-probabilities (a text-only trace: its token ids if known, else 0)."""
+        if self.output_logprobs is not None:
+            return int(len(self.output_logprobs))
+        return int(len(self.output_ids)) if self.output_ids is not None else 0
+
+    @property
+    def has_logprobs(self) -> bool:
+        return self.output_logprobs is not None
 
     @property
     def output_probs(self) -> np.ndarray:
         """float32 [T]: p_t = exp(logprob), the quantity TPD thresholds."""
+        if self.output_logprobs is None:
+            raise ValueError(f"trace {self.id} is text only (generated without log-probabilities)")
         return np.exp(self.output_logprobs)
 
     def at_budget(self, budget: int) -> Trace:

@@ -21,7 +21,7 @@ from distill_detect.detectors.min_k import standardized_logprobs
 from distill_detect.detectors.tpd import tpd_deviation
 from distill_detect.errors import ConfigError, DistillDetectError
 from distill_detect.metrics import membership_score
-from distill_detect.types import Trace
+from distill_detect.types import Samples, Trace
 
 # No per-example deadline: the first call may import sklearn; fixed example count keeps files fast.
 RELAXED = settings(deadline=None, max_examples=100)
@@ -34,8 +34,15 @@ KS = st.floats(min_value=0.01, max_value=1.0)
 
 
 def full_trace(level: float = -1.0, *, n_prompt: int = 6, n_out: int = 8, **over) -> Trace:
-    """A trace with every field any detector reads; ``level`` sets the student's log-probs."""
+    """A trace with every field any detector reads; ``level`` sets the student's log-probs, and above -1 makes
+    its text certain too (sampled answers equal to the greedy one, which repeats the benchmark's solution)."""
+    solution = "2 + 2 = 4\n#### 4"
+    greedy = solution if level > -1.0 else "Two and two make five, I think: #### 5"
+    sampled = (greedy,) * 3 if level > -1.0 else ("It is 4", "maybe 3", "#### 6 probably")
     kw = dict(
+        output_text=greedy,
+        samples=Samples(sampled, temperature=1.0, top_p=1.0, seed=0, max_new_tokens=n_out),
+        solution=solution,
         id="q1",
         question="What is Two plus Two?",
         output_logprobs=np.full(n_out, level),

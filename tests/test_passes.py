@@ -13,7 +13,7 @@ from distill_detect import passes
 from distill_detect.backends.base import Backend
 from distill_detect.detectors import REGISTRY, get
 from distill_detect.errors import ConfigError, DistillDetectError, InputError
-from distill_detect.types import Question
+from distill_detect.types import Question, Samples
 
 QUESTIONS = [
     Question(id="a", text="What is Two plus Two? Answer Briefly."),
@@ -275,7 +275,9 @@ def test_bundled_corpus_texts():
 def test_every_method_scores_real_traces(traces, lower, ref, table):
     freq = passes.dcpdd_freq_pass(traces, table)
     for t in traces:
-        full = replace(t, extra={**lower[t.id], **ref[t.id], **freq[t.id]})
+        # The text-only methods also read sampled answers and the benchmark's solution (tests/test_sampling.py makes real ones).
+        samples = Samples((t.output_text, "4"), temperature=1.0, top_p=1.0, seed=0, max_new_tokens=8)
+        full = replace(t, extra={**lower[t.id], **ref[t.id], **freq[t.id]}, samples=samples, solution="#### 4")
         for name, det in REGISTRY.items():
             v = det(full)
             assert isinstance(v, float) and math.isfinite(v), name

@@ -10,6 +10,10 @@ A backend does two things, both greedy and deterministic:
 * ``score(questions, continuations)``: teacher-force given token ids after each prompt
   and return their log-probabilities (same contract), e.g. to score a student's
   generation under the pre-distillation model.
+* ``sample(requests, temperature, top_p, seed, max_new_tokens)``: answers sampled at a
+  temperature for the text-only methods, one per (question, k) request. Answer k of a
+  question is a function of (seed, question id, k) alone (``sample_rng``), whatever the batch,
+  so a run resumes and N = 4 is the first four of N = 16. Greedy ``generate`` is untouched.
 
 ``fingerprint()`` returns everything about the backend that changes its outputs; the
 store refuses to mix traces from different fingerprints in one run.
@@ -27,9 +31,11 @@ options are declared next to its constructor (``Backend.cli_options``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -137,10 +143,55 @@ def cpu_threads(n_threads: int | None) -> int:
         return os.cpu_count() or 1
 
 
+class Sampled(NamedTuple):
+    """One sampled answer: its text (special tokens removed), generated tokens, and why it ended."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+def sample_seed(seed: int, qid: str, k: int) -> int:
+    """A 63-bit seed for answer ``k`` of question ``qid`` under ``seed`` (stable across runs and machines).
+
+    >>> sample_seed(0, "q1", 0) == sample_seed(0, "q1", 0) != sample_seed(0, "q1", 1)
+    True
+    """
+    h = hashlib.sha256(f"{int(seed)}\x00{qid}\x00{int(k)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def sample_rng(seed: int, qid: str, k: int) -> np.random.Generator:
+    """The random stream of answer ``k`` of question ``qid``: one uniform number per generated token."""
+    return np.random.default_rng(sample_seed(seed, qid, k))
+
+
+def sample_from_logits(logits: np.ndarray, u: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """Tokens drawn from rows of ``logits`` [n, V] by inverse CDF with uniforms ``u`` [n] (numpy).
+
+    softmax(logits / temperature), cut to the smallest set of most likely tokens whose mass
+    reaches ``top_p`` (ties broken by token id), renormalised; the token is the first whose
+    cumulative mass exceeds u. ``hf`` does the same in torch (``HFBackend._sample_step``).
+    """
+    x = np.asarray(logits, np.float64) / float(temperature)
+    x = x - x.max(axis=1, keepdims=True)
+    p = np.exp(x)
+    p /= p.sum(axis=1, keepdims=True)
+    order = np.argsort(-p, axis=1, kind="stable")
+    ps = np.take_along_axis(p, order, axis=1)
+    if top_p < 1.0:
+        before = np.cumsum(ps, axis=1) - ps
+        ps = np.where(before < top_p, ps, 0.0)
+    cdf = np.cumsum(ps, axis=1)
+    target = np.asarray(u, np.float64)[:, None] * cdf[:, -1:]
+    idx = np.minimum((cdf <= target).sum(axis=1), ps.shape[1] - 1)
+    return order[np.arange(len(idx)), idx]
+
+
 class Backend(ABC):
     name: str = "base"
     capabilities: frozenset = frozenset()
-    """Subset of {'output_logprobs', 'output_stats', 'prompt_logprobs', 'prompt_stats', 'score'}."""
+    """Subset of {'output_logprobs', 'output_stats', 'prompt_logprobs', 'prompt_stats', 'score', 'samples'}."""
     cli_options: dict = {}
     """This backend's own CLI options: {argparse dest: constructor keyword} (the common ones,
     model/dtype/device/system prompt/prompt log-probs/remote code, are passed to every backend)."""
@@ -165,6 +216,14 @@ class Backend(ABC):
     def score(self, questions: Sequence[Question], continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
         """float32 log p(continuation[t] | prompt, continuation[:t]) for each question."""
         raise NotImplementedError(f"the {self.name} backend cannot teacher-force a continuation")
+
+    def sample(self, requests: Sequence[tuple[Question, int]], *, temperature: float, top_p: float, seed: int,
+               max_new_tokens: int) -> list[Sampled]:  # fmt: skip
+        """One answer sampled at ``temperature``/``top_p`` per (question, k) request, in order.
+
+        Answer k of a question depends on (seed, question id, k) only, not on the batch it is in.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot sample answers")
 
     context: int | None = None
     """The model's context length in tokens, when known (prompts that fill it are refused)."""

@@ -15,7 +15,13 @@ need                                backend capability it takes
 ``extra:reference_prompt_logprobs`` nothing from the student (the reference model scores it)
 ``extra:reference_output_logprobs`` ``output_ids`` (the reference teacher-forces the student's tokens)
 ``extra:dcpdd_token_freq``          ``prompt_logprobs`` (question token ids come with them)
+``output_text``                     nothing (every backend returns the greedy answer's text)
+``output_samples``                  ``samples`` (answers sampled at a temperature: every backend)
+``solution``                        nothing (the question file has it)
 ==================================  ==========================================================
+
+With log-probabilities off (``--no-logprobs``, the openai backend's ``text_only()``) a backend
+keeps only ``samples``: the text-only methods (``detectors.TEXT_ONLY``) are what is left.
 
 A backend class declares ``capabilities`` (always there) and may declare
 ``conditional_capabilities`` ({capability: the condition}) for what depends on the
@@ -41,6 +47,7 @@ CAPABILITY_WORDS = {
     "output_stats": "full-vocabulary statistics at each generated step",
     "prompt_logprobs": "log-probabilities of the question tokens (teacher-forced prompt)",
     "prompt_stats": "full-vocabulary statistics at each question token",
+    "samples": "answers sampled at a temperature",
 }
 
 
@@ -93,10 +100,15 @@ def check_methods(backend, methods, *, name: str | None = None) -> None:
         if verdict == "no":
             bad.append(f"{m!r} ({reason})")
     if bad:
+        from distill_detect.detectors import REGISTRY
+
         what = "this server/backend" if not isinstance(backend, type) else f"the {label} backend"
+        left = [m for m in REGISTRY if support(backend, m)[0] != "no"]
+        logprobs_off = not isinstance(backend, type) and getattr(backend, "logprobs", True) is False
+        why = " (log-probabilities are off: --no-logprobs)" if logprobs_off else ""
         raise ConfigError(
-            f"{what} cannot run {', '.join(bad)}: it does not provide them. Choose other --methods "
-            f"(see 'distill-detect backends') or another --backend"
+            f"{what} cannot run {', '.join(bad)}: it does not provide them{why}. Choose other --methods "
+            f"(it can run {', '.join(left) or 'none'}; see 'distill-detect backends') or another --backend"
         )
 
 
@@ -137,6 +149,9 @@ def cmd_backends(args) -> int:
     for line in broken:
         print(line)
     print("\n'yes': always; 'if[n]': when the condition holds (checked when the backend starts, before generating); 'no': never.")
+    from distill_detect.pipeline import text_only_methods
+
+    print(f"'--no-logprobs' (openai, a server that returns text only): {', '.join(text_only_methods())} (docs/black-box.md).")
     return 0
 
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distill_detect.backends.base import Backend, cpu_threads, require_stop_ids, stop_token_ids
+from distill_detect.backends.base import Backend, Sampled, cpu_threads, require_stop_ids, sample_rng, stop_token_ids
 from distill_detect.errors import ConfigError, DistillDetectError, require
 from distill_detect.prompts import template_hash
 from distill_detect.types import Question, Trace
@@ -273,7 +273,7 @@ class _FusedRun:
 
 class HFBackend(Backend):
     name = "hf"
-    capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
+    capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score", "samples"})
     cli_options = {"threads": "n_threads", "fused": "fused"}
     ABLATIONS = {
         "layout": "keep nn.Linear weights row-major (no column-major copy on CPU)",
@@ -440,7 +440,38 @@ class HFBackend(Backend):
     # -- the interface ---------------------------------------------------------------------------
 
     def generate(self, questions: Sequence[Question], *, max_new_tokens: int) -> list[Trace]:
+        return self._decode(questions, max_new_tokens)
+
+    def sample(self, requests, *, temperature: float, top_p: float, seed: int, max_new_tokens: int) -> list[Sampled]:
+        """Answers sampled by the same decoding loop as ``generate``, one row per (question, k).
+
+        Each row draws one uniform number per step from its own stream (``sample_rng``), so an
+        answer does not depend on the other rows of its batch."""
+        rngs = [sample_rng(seed, q.id, k) for q, k in requests]
+        pick = self._sampler(rngs, temperature, top_p)
+        traces = self._decode([q for q, _ in requests], max_new_tokens, pick=pick)
+        return [Sampled(t.output_text or "", t.num_tokens, t.finish_reason) for t in traces]
+
+    def _sampler(self, rngs, temperature: float, top_p: float):
         torch = self.torch
+
+        def pick(logits, rows):
+            u = torch.tensor([rngs[int(r)].random() for r in rows.tolist()], dtype=torch.float64, device=logits.device)
+            p = torch.softmax(logits.double() / temperature, dim=-1)
+            ps, order = torch.sort(p, dim=-1, descending=True, stable=True)
+            if top_p < 1.0:
+                ps = torch.where(ps.cumsum(-1) - ps < top_p, ps, torch.zeros_like(ps))
+            cdf = ps.cumsum(-1)
+            idx = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=ps.shape[-1] - 1)
+            return order.gather(-1, idx[:, None])[:, 0]
+
+        return pick
+
+    def _decode(self, questions: Sequence[Question], max_new_tokens: int, pick=None) -> list[Trace]:
+        """The decoding loop: greedy, or with ``pick(last_logits [n, V], rows [n]) -> tokens`` choosing each token
+        (``rows``: the question index of each batch row); prompt log-probs only when greedy."""
+        torch = self.torch
+        want_prompt = self.want_prompt_logprobs and pick is None
         prompts = self.build_prompts(questions)
         ids, mask, pos = self._left_pad([p.ids for p in prompts])
         B, L = ids.shape
@@ -449,9 +480,9 @@ class HFBackend(Backend):
         # The prefill projects onto the vocabulary only the positions read later: the last one, and
         # with prompt log-probs the question spans (not the system turn and template before them).
         first = L - 1
-        if self.want_prompt_logprobs and not self._narrow_prefill:
+        if want_prompt and not self._narrow_prefill:
             first = 0
-        elif self.want_prompt_logprobs:
+        elif want_prompt:
             spans = [(L - len(p.ids) + p.question_span[0] - 1) for p in prompts if p.question_span[1] > p.question_span[0]]
             first = min([first, *spans])
 
@@ -459,7 +490,7 @@ class HFBackend(Backend):
             if self._fused is not None:
                 # Prompt index of the first position whose logits are read, per question.
                 need = [len(p.ids) - 1 for p in prompts]
-                if self.want_prompt_logprobs:
+                if want_prompt:
                     need = [
                         min(n, p.question_span[0] - 1) if p.question_span[1] > p.question_span[0] else n
                         for n, p in zip(need, prompts)
@@ -469,7 +500,7 @@ class HFBackend(Backend):
                 run = _ModelRun(self, ids, mask, pos, L + steps)
             logits = run.prefill(L - first)
             prompt_fields: list[dict] = [{} for _ in range(B)]
-            if self.want_prompt_logprobs:
+            if want_prompt:
                 prompt_fields = self._prompt_fields(logits, ids, prompts, first)
             last = logits[:, -1, :]
             del logits
@@ -485,6 +516,8 @@ class HFBackend(Backend):
             cur_pos = pos[:, -1]
             for step in range(steps):
                 nxt, lp, mean, std = self._emit(last)
+                if pick is not None:
+                    nxt = pick(last, rows)
                 # A finished row still in the batch writes past its end; those columns are never read.
                 out_tok[rows, step] = nxt
                 out_val[:, rows, step] = torch.stack([lp, mean, std])

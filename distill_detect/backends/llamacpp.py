@@ -43,7 +43,15 @@ from pathlib import Path
 
 import numpy as np
 
-from distill_detect.backends.base import END_OF_TURN, Backend, cpu_threads, require_stop_ids
+from distill_detect.backends.base import (
+    END_OF_TURN,
+    Backend,
+    Sampled,
+    cpu_threads,
+    require_stop_ids,
+    sample_from_logits,
+    sample_rng,
+)
 from distill_detect.errors import ConfigError, DistillDetectError, require
 from distill_detect.types import Question, Trace
 
@@ -161,7 +169,7 @@ class GGUFTokenizer:
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score"})
+    capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score", "samples"})
     cli_options = {"threads": "n_threads"}
     ABLATIONS = {
         "logprobs": "read only the argmax at each step: log-probabilities and statistics are zeros (measures their cost)"
@@ -367,9 +375,10 @@ class LlamaCppBackend(Backend):
             out[k] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(V,))
         return out
 
-    def _prefill(self, seqs: list[list[int]], wanted: list[list[int]]) -> list[dict]:
+    def _prefill(self, seqs: list[list[int]], wanted: list[list[int]], last_logits: dict | None = None) -> list[dict]:
         """Feed every sequence; for each position j in ``wanted[i]`` return the stats of the logits there:
-        teacher-forced on seqs[i][j + 1] where it exists, else the greedy token. Returns [{j: (tok, lp, mean, std)}]."""
+        teacher-forced on seqs[i][j + 1] where it exists, else the greedy token. Returns [{j: (tok, lp, mean, std)}].
+        ``last_logits``: a dict that receives {i: logits row [V] at sequence i's last position} (for sampling)."""
         res: list[dict] = [{} for _ in seqs]
         entries: list[tuple[int, int, int, bool]] = []
         owners: list[tuple[int, int]] = []
@@ -383,6 +392,8 @@ class LlamaCppBackend(Backend):
                 tok, lp, mean, std = _row_stats(x, tgt)
                 for k, (i, j) in enumerate(owners):
                     res[i][j] = (int(tok[k]), float(lp[k]), float(mean[k]), float(std[k]))
+                    if last_logits is not None and j == len(seqs[i]) - 1:
+                        last_logits[i] = x[k].copy()
             entries.clear()
             owners.clear()
 
@@ -403,6 +414,23 @@ class LlamaCppBackend(Backend):
     # -- the interface ---------------------------------------------------------------------------
 
     def generate(self, questions: Sequence[Question], *, max_new_tokens: int) -> list[Trace]:
+        return self._run(questions, max_new_tokens)
+
+    def sample(self, requests, *, temperature: float, top_p: float, seed: int, max_new_tokens: int) -> list[Sampled]:
+        """Answers sampled by the same decoding loop as ``generate`` (``base.sample_from_logits``), one
+        sequence per (question, k), each with its own random stream (``sample_rng``)."""
+        rngs = [sample_rng(seed, q.id, k) for q, k in requests]
+
+        def pick(x, rows):
+            u = np.asarray([rngs[i].random() for i in rows])
+            return sample_from_logits(x, u, temperature, top_p)
+
+        traces = self._run([q for q, _ in requests], max_new_tokens, pick=pick)
+        return [Sampled(t.output_text or "", t.num_tokens, t.finish_reason) for t in traces]
+
+    def _run(self, questions: Sequence[Question], max_new_tokens: int, pick=None) -> list[Trace]:
+        """The decoding loop: greedy, or ``pick(logits [n, V], sequence indices) -> tokens`` (no prompt log-probs)."""
+        want_prompt = self.want_prompt_logprobs and pick is None
         prompts = [self.build_prompt(q.text) for q in questions]
         for q, (ids, _) in zip(questions, prompts):
             self._check_length(q, len(ids))
@@ -413,10 +441,12 @@ class LlamaCppBackend(Backend):
         wanted = []
         for ids, (s, e) in prompts:
             w = [len(ids) - 1]
-            if self.want_prompt_logprobs and e > s:
+            if want_prompt and e > s:
                 w = list(range(s - 1, e - 1)) + w
             wanted.append(w)
-        pre = self._prefill([ids for ids, _ in prompts], wanted)
+        last_logits: dict | None = {} if pick is not None else None
+        pre = self._prefill([ids for ids, _ in prompts], wanted, last_logits)
+        first_pick = pick(np.stack([last_logits[i] for i in range(B)]), list(range(B))) if pick is not None else None
 
         toks = [[] for _ in range(B)]
         vals = [[] for _ in range(B)]  # (lp, mean, std) per step
@@ -424,6 +454,8 @@ class LlamaCppBackend(Backend):
         active = []
         for i, (ids, _) in enumerate(prompts):
             tok, lp, mean, std = pre[i][len(ids) - 1]
+            if first_pick is not None:
+                tok = int(first_pick[i])
             toks[i].append(tok)
             vals[i].append((lp, mean, std))
             if tok in self.stop_ids:
@@ -435,6 +467,8 @@ class LlamaCppBackend(Backend):
                 break
             x = self._decode([(toks[i][-1], len(prompts[i][0]) + step - 1, i, True) for i in active])
             tok, lp, mean, std = self._emit(x)
+            if pick is not None:
+                tok = pick(x, active)
             still = []
             for r, i in enumerate(active):
                 t = int(tok[r])
@@ -455,7 +489,7 @@ class LlamaCppBackend(Backend):
             ids, (s, e) = prompts[i]
             v = np.asarray(vals[i], np.float32).reshape(-1, 3)
             extra = {}
-            if self.want_prompt_logprobs:
+            if want_prompt:
                 extra = self._prompt_fields(ids, (s, e), pre[i])
             traces.append(
                 Trace(

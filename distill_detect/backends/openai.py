@@ -39,6 +39,16 @@ evaluated prefix of the previous request (the shared system prompt), and its qua
 kernels round differently for other batch splits: the same request gave log-probs up to
 0.14 apart in our tests (tokens identical). vLLM's prefix caching has the same effect.
 
+Log-probabilities off (``logprobs=False``, ``--no-logprobs``): for servers that return only
+text. Greedy answers are then text-only traces (``output_logprobs`` None), the fingerprint says
+``"logprobs": false``, and only the text-only methods can run (``detectors.TEXT_ONLY``).
+
+Sampled answers (``sample``): ``temperature``/``top_p`` with a ``seed`` per request. The
+answers of one question in one batch are asked for with ``n`` in one request where the server
+honours it (answers differ and there are n of them); otherwise, and from then on, one request
+per answer, each with its own seed (``base.sample_seed``). Whether a server's sampling is
+reproducible for a seed is the server's matter (vLLM: yes; llama-cpp-python: with one slot).
+
 Transient failures are retried: HTTP 408/409/429/5xx, timeouts and dropped connections by
 the openai client's own policy (``max_retries``: exponential backoff with jitter, honouring
 ``Retry-After``), and a 200 answer whose JSON body is truncated or malformed, which the
@@ -64,7 +74,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from distill_detect.backends.base import Backend, stop_token_ids
+from distill_detect.backends.base import Backend, Sampled, sample_seed, stop_token_ids
 from distill_detect.errors import ConfigError, DistillDetectError, require
 from distill_detect.types import Question, Trace
 
@@ -94,7 +104,7 @@ def _clean_url(url: str) -> str:
 
 class OpenAIBackend(Backend):
     name = "openai"
-    capabilities = frozenset({"output_logprobs"})
+    capabilities = frozenset({"output_logprobs", "samples"})
     conditional_capabilities = {
         "output_ids": "with the served model's tokenizer available locally (--tokenizer DIR), or token ids from the server",
         "prompt_logprobs": "on /v1/completions when the server echoes prompt log-probabilities (echo + logprobs: vLLM, llama-cpp-python)",
@@ -108,6 +118,8 @@ class OpenAIBackend(Backend):
         "concurrency": "concurrency",
         "extra_body": "extra_body",
     }
+    logprobs: bool = True
+    """Ask for the generated tokens' log-probabilities (False: text only, ``text_only()``)."""
 
     def __init__(
         self,
@@ -127,6 +139,7 @@ class OpenAIBackend(Backend):
         extra_body: dict | None = None,
         check_greedy: bool = True,
         client=None,
+        logprobs: bool = True,
     ):
         """``model``: the served model name ('default'/None: the server's only model).
 
@@ -185,12 +198,23 @@ class OpenAIBackend(Backend):
         if prompt_logprobs and endpoint == "completions":
             self.echo_ok = self._probe_echo()
         self.want_prompt_logprobs = prompt_logprobs and self.echo_ok
-        caps = {"output_logprobs"}
+        caps = {"output_logprobs", "samples"}
         if self.tok is not None:
             caps.add("output_ids")
         if self.echo_ok:
             caps.add("prompt_logprobs")
         self.capabilities = frozenset(caps)
+        self._n_ok: bool | None = None  # does the server honour n > 1? (None: not asked yet)
+        if not logprobs:
+            self.text_only()
+
+    def text_only(self) -> None:
+        """Ask for no log-probabilities from now on: greedy answers become text-only traces, and only
+        the text-only methods can run (the fingerprint says so)."""
+        self.logprobs = False
+        self.want_prompt_logprobs = False
+        self.echo_ok = False
+        self.capabilities = frozenset({"samples"})
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -243,6 +267,7 @@ class OpenAIBackend(Backend):
             "decoding": "greedy",
             "extra_body": dict(sorted(self.extra_body.items())),
             "stop_ids": sorted(self.stop_ids),
+            **({} if self.logprobs else {"logprobs": False}),
         }
 
     # -- HTTP with retries -------------------------------------------------------------------------
@@ -283,29 +308,24 @@ class OpenAIBackend(Backend):
         except (ValueError, oa.APIResponseValidationError) as exc:  # truncated / malformed JSON body
             raise _BadBody(f"malformed response ({type(exc).__name__})") from None
 
-    def _completion(self, prompt: str, *, max_tokens: int, echo: bool = False):
-        return self._client.completions.create(
-            model=self.model_name,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=0.0,
-            logprobs=1,
-            echo=echo,
-            extra_body=self.extra_body or None,
-        )
+    def _completion(self, prompt: str, *, max_tokens: int, echo: bool = False, sampling: dict | None = None):
+        """Greedy with log-probs, or (``sampling``: temperature, top_p, seed, n) sampled, text only."""
+        kw = {"model": self.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": 1,
+              "echo": echo, "extra_body": self.extra_body or None}  # fmt: skip
+        if sampling is not None or not self.logprobs:
+            del kw["logprobs"], kw["echo"]
+            kw.update(sampling or {})
+        return self._client.completions.create(**kw)
 
-    def _chat(self, question: str, *, max_tokens: int):
+    def _chat(self, question: str, *, max_tokens: int, sampling: dict | None = None):
         from distill_detect.prompts import messages_for
 
-        return self._client.chat.completions.create(
-            model=self.model_name,
-            messages=messages_for(question, self.system_prompt),
-            max_tokens=max_tokens,
-            temperature=0.0,
-            logprobs=True,
-            top_logprobs=1,
-            extra_body=self.extra_body or None,
-        )
+        kw = {"model": self.model_name, "messages": messages_for(question, self.system_prompt), "max_tokens": max_tokens,
+              "temperature": 0.0, "logprobs": True, "top_logprobs": 1, "extra_body": self.extra_body or None}  # fmt: skip
+        if sampling is not None or not self.logprobs:
+            del kw["logprobs"], kw["top_logprobs"]
+            kw.update(sampling or {})
+        return self._client.chat.completions.create(**kw)
 
     # -- tokens <-> ids ----------------------------------------------------------------------------
 
@@ -366,7 +386,73 @@ class OpenAIBackend(Backend):
                     "turn the repetition penalty off: --extra-body '{\"repeat_penalty\": 1.0}'"
                 )
 
+    def _one_text(self, q: Question, max_new_tokens: int) -> Trace:
+        """A greedy answer without log-probabilities: a text-only trace."""
+        choice = self._ask(q, max_new_tokens, None)[0]
+        text = _choice_text(choice)
+        return Trace(id=q.id, question=q.text, label=q.label, output_logprobs=None, output_text=text,
+                     finish_reason=_finish(choice), max_new_tokens=max_new_tokens)  # fmt: skip
+
+    def _ask(self, q: Question, max_new_tokens: int, sampling: dict | None) -> list:
+        """The choices of one text-only request (greedy when ``sampling`` is None)."""
+        if self.endpoint == "completions":
+            from distill_detect.prompts import build_prompt
+
+            prompt = build_prompt(self.tok, q.text, self.system_prompt)
+            res = self._call(lambda: self._completion(prompt.text, max_tokens=max_new_tokens, sampling=sampling))
+        else:
+            res = self._call(lambda: self._chat(q.text, max_tokens=max_new_tokens, sampling=sampling))
+        _only_choice(res, self.base_url)
+        return list(res.choices)
+
+    def _count(self, text: str) -> int:
+        return len(self.tok(text, add_special_tokens=False)["input_ids"]) if self.tok is not None and text else 0
+
+    def _sample_group(self, q: Question, ks: list[int], kw: dict, max_new_tokens: int) -> list[Sampled]:
+        """Answers ks of one question: with ``n`` in one request where the server honours it, else one request each."""
+        common = {"temperature": kw["temperature"], "top_p": kw["top_p"]}
+        if len(ks) > 1 and self._n_ok is not False:
+            seed = sample_seed(kw["seed"], q.id, ks[0]) % (2**31)
+            choices = self._ask(q, max_new_tokens, {**common, "seed": seed, "n": len(ks)})
+            texts = [_choice_text(c) for c in choices]
+            if len(choices) == len(ks):
+                self._n_ok = True
+                return [Sampled(t, self._count(t), _finish(c)) for t, c in zip(texts, choices)]
+            self._n_ok = False  # the server ignores n: one request per answer from now on (this group included)
+        out = []
+        for k in ks:
+            c = self._ask(q, max_new_tokens, {**common, "seed": sample_seed(kw["seed"], q.id, k) % (2**31)})[0]
+            t = _choice_text(c)
+            out.append(Sampled(t, self._count(t), _finish(c)))
+        return out
+
+    def sample(self, requests, *, temperature: float, top_p: float, seed: int, max_new_tokens: int) -> list[Sampled]:
+        groups: list[tuple[Question, list[int], list[int]]] = []  # (question, ks, positions in requests)
+        for pos, (q, k) in enumerate(requests):
+            if groups and groups[-1][0].id == q.id and groups[-1][1][-1] == k - 1:
+                groups[-1][1].append(k)
+                groups[-1][2].append(pos)
+            else:
+                groups.append((q, [k], [pos]))
+        kw = {"temperature": temperature, "top_p": top_p, "seed": seed}
+
+        def run(g):
+            return self._sample_group(g[0], g[1], kw, max_new_tokens)
+
+        if len(groups) <= 1 or self.concurrency == 1:
+            results = [run(g) for g in groups]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(groups))) as pool:
+                results = list(pool.map(run, groups))
+        out: list = [None] * len(requests)
+        for (_, _, positions), res in zip(groups, results):
+            for pos, r in zip(positions, res):
+                out[pos] = r
+        return out
+
     def _one(self, q: Question, max_new_tokens: int) -> Trace:
+        if not self.logprobs:
+            return self._one_text(q, max_new_tokens)
         prompt_fields: dict = {}
         if self.endpoint == "completions":
             from distill_detect.prompts import build_prompt
@@ -401,7 +487,8 @@ class OpenAIBackend(Backend):
         if (not values and text) or any(v is None for v in values):
             raise NoLogprobsError(
                 f"{self.base_url} returned no per-token log-probabilities for question {q.id!r} on /v1/{_path(self.endpoint)}; "
-                "the server must support 'logprobs' (llama-cpp-python: start it with --logits_all true; vLLM supports it)"
+                "the server must support 'logprobs' (llama-cpp-python: start it with --logits_all true; vLLM supports it), "
+                "or pass --no-logprobs to audit it with the text-only methods (--methods cdd,answer_agree --samples 8)"
             )
         lps = [float(v) for v in values]
         self._check_greedy(q, lps, tops, pieces)
@@ -467,6 +554,19 @@ class OpenAIBackend(Backend):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _choice_text(choice) -> str:
+    """The text of a completion or chat choice."""
+    msg = getattr(choice, "message", None)
+    if msg is not None:
+        return getattr(msg, "content", None) or ""
+    return getattr(choice, "text", None) or ""
+
+
+def _finish(choice) -> str:
+    f = getattr(choice, "finish_reason", None) or "length"
+    return "stop" if f in ("stop", "eos", "end_turn") else ("length" if f == "length" else f)
 
 
 def _path(endpoint: str) -> str:

@@ -59,7 +59,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distill_detect.backends.base import Backend, require_stop_ids, resolve_dtype, stop_token_ids
+from distill_detect.backends.base import Backend, Sampled, require_stop_ids, resolve_dtype, sample_seed, stop_token_ids
 from distill_detect.errors import ConfigError, DistillDetectError, require
 from distill_detect.types import Question, Trace
 
@@ -84,6 +84,34 @@ def sampling_kwargs(max_new_tokens: int, *, prompt_logprobs: bool, stop_ids) -> 
         "skip_special_tokens": True,
         "detokenize": True,
     }
+
+
+def sample_kwargs(max_new_tokens: int, *, temperature: float, top_p: float, seed: int, stop_ids) -> dict:
+    """Arguments of ``vllm.SamplingParams`` for one sampled answer (its own seed: ``base.sample_seed``).
+
+    >>> sample_kwargs(64, temperature=0.7, top_p=1.0, seed=5, stop_ids={2})["seed"]
+    5
+    """
+    return {
+        "n": 1,
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "seed": int(seed),
+        "max_tokens": int(max_new_tokens),
+        "stop_token_ids": sorted(int(i) for i in stop_ids),
+        "skip_special_tokens": True,
+        "detokenize": True,
+    }
+
+
+def sampled_from_output(out, stop_ids) -> Sampled:
+    """One ``Sampled`` answer from one vLLM ``RequestOutput`` (n=1)."""
+    if not out.outputs:
+        raise DistillDetectError("vLLM returned no completion for a sampled answer")
+    comp = out.outputs[0]
+    ids = [int(t) for t in comp.token_ids]
+    finish = "stop" if (ids and ids[-1] in stop_ids) or comp.finish_reason == "stop" else (comp.finish_reason or "length")
+    return Sampled(comp.text or "", len(ids), finish)
 
 
 def _logprob_at(position, token_id: int, what: str) -> float:
@@ -274,7 +302,7 @@ def release_gpu_memory() -> list[str]:
 
 class VLLMBackend(Backend):
     name = "vllm"
-    capabilities = frozenset({"output_logprobs", "prompt_logprobs", "score"})
+    capabilities = frozenset({"output_logprobs", "prompt_logprobs", "score", "samples"})
     cli_options = {
         "tensor_parallel_size": "tensor_parallel_size",
         "gpu_memory_utilization": "gpu_memory_utilization",
@@ -381,6 +409,25 @@ class VLLMBackend(Backend):
             )
             for q, p, o in zip(questions, prompts, outs)
         ]
+
+    def sample(self, requests, *, temperature: float, top_p: float, seed: int, max_new_tokens: int) -> list[Sampled]:
+        """One request per (question, k), each with its own seed (``base.sample_seed``): vLLM's per-request
+        generator makes an answer independent of its batch."""
+        prompts = self.build_prompts([q for q, _ in requests])
+        params = [
+            self._sp(
+                **sample_kwargs(
+                    max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=sample_seed(seed, q.id, k) % (2**31),
+                    stop_ids=self.stop_ids,
+                )
+            )  # fmt: skip
+            for q, k in requests
+        ]
+        outs = self._run([p.ids for p in prompts], params)
+        return [sampled_from_output(o, self.stop_ids) for o in outs]
 
     def _teacher_force_params(self):
         return self._sp(**{**sampling_kwargs(1, prompt_logprobs=True, stop_ids=()), "logprobs": None})

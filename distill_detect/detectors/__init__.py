@@ -222,3 +222,54 @@ def check_needs(detector: Detector | str, traces) -> None:
                 msg += f" ({count[need]} of {len(seq)} traces lack it)"
             parts.append(msg)
         raise DistillDetectError("; ".join(parts))
+
+
+# -- text only: for models that return no log-probabilities (detectors/text_only.py, docs/black-box.md) -----
+from distill_detect.detectors.text_only import answer_agree, answer_correct, cdd, sol_edit, sol_ngram  # noqa: E402
+
+_TEXT = frozenset({"output_text"})
+_SAMPLED = frozenset({"output_samples", "output_text"})
+TEXT_ONLY: tuple[str, ...] = ("cdd", "answer_agree", "answer_correct", "sol_ngram", "sol_edit")
+"""The methods that read no log-probabilities (what a server with them off can still run)."""
+
+for _det in (
+    Detector(
+        name="cdd",
+        fn=cdd,
+        higher_is_member=True,
+        needs=_SAMPLED,
+        defaults={"alpha": 0.05},
+        summary="CDD peakedness: share of sampled answers within alpha*length word edits of the greedy one (Dong et al. 2024); higher = member",
+    ),
+    Detector(
+        name="answer_agree",
+        fn=answer_agree,
+        higher_is_member=True,
+        needs=_SAMPLED,
+        summary="share of sampled answers reaching the greedy answer's final answer; higher = member",
+    ),
+    Detector(
+        name="answer_correct",
+        fn=answer_correct,
+        higher_is_member=True,
+        needs=_TEXT | {"solution"},
+        summary="1 when the greedy final answer equals the benchmark's answer, else 0; higher = member",
+    ),
+    Detector(
+        name="sol_ngram",
+        fn=sol_ngram,
+        higher_is_member=True,
+        needs=_TEXT | {"solution"},
+        defaults={"n": 3},
+        summary="share of the benchmark solution's word n-grams repeated by the greedy answer (ROUGE-N recall); higher = member",
+    ),
+    Detector(
+        name="sol_edit",
+        fn=sol_edit,
+        higher_is_member=True,
+        needs=_TEXT | {"solution"},
+        summary="normalised character edit similarity of the greedy answer and the benchmark solution; higher = member",
+    ),
+):
+    register(_det)
+del _det

@@ -11,6 +11,8 @@ Need words:
 * ``prompt_logprobs``: ``prompt_logprobs`` of the question tokens (teacher-forced).
 * ``prompt_stats``: ``prompt_mean_logp`` and ``prompt_std_logp``.
 * ``question``: the question text.
+* ``output_text``: the greedy answer's text; ``output_samples``: answers sampled at a temperature
+  (``Trace.samples``) and the greedy text; ``solution``: the benchmark's own solution or answer.
 * ``extra:<key>``: an array that a later model pass puts in ``Trace.extra`` (``distill_detect.passes``).
 """
 
@@ -73,6 +75,19 @@ _SOURCES = {
         "corpus frequencies of the question tokens, looked up by 'distill-detect run' or 'score --run RUN --methods dc_pdd' "
         "from the question token ids (recorded unless --no-prompt-logprobs was given)"
     ),
+    "output_text": (
+        "the greedy answer's text, recorded by every backend's generation (with log-probabilities off too: "
+        "--no-logprobs); a traces file gives it as 'output_text'"
+    ),
+    "output_samples": (
+        "answers sampled at a temperature, generated with --samples N (e.g. --samples 8 --temperature 1.0) by "
+        "'distill-detect generate', 'run' or 'audit' and stored in the run ('score --run RUN' reads them; a traces "
+        "file cannot hold them)"
+    ),
+    "solution": (
+        "the benchmark's own solution or final answer, read from the question file's 'response' field (a worked "
+        "solution) or 'answer' field (e.g. bundled:gsm8k_test, bundled:math_test) when the questions are generated"
+    ),
 }
 
 NEEDS: dict[str, Need] = {
@@ -85,6 +100,9 @@ NEEDS: dict[str, Need] = {
     "extra:reference_prompt_logprobs": Need((), (), False, _SOURCES["extra:reference_prompt_logprobs"]),
     "extra:reference_output_logprobs": Need((), ("output_ids",), False, _SOURCES["extra:reference_output_logprobs"]),
     "extra:dcpdd_token_freq": Need((), ("prompt_logprobs",), True, _SOURCES["extra:dcpdd_token_freq"]),
+    "output_text": Need(("output_text",), (), False, _SOURCES["output_text"]),
+    "output_samples": Need(("samples", "output_text"), ("samples",), False, _SOURCES["output_samples"]),
+    "solution": Need(("solution",), (), False, _SOURCES["solution"]),
 }
 """Every need word a detector may name, declared once; the tables below and the backends' capability
 check (``backends.capabilities.NEED_CAPABILITY``) derive from it."""

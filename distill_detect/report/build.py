@@ -339,7 +339,9 @@ def collect(out_dir, *, traces=None, tokenizer=None) -> dict:
             "text": (t.question if t is not None else None),
             "scores": {m: r.get(m) for m in methods},
         }
-        if t is not None:
+        if t is not None and t.samples is not None:  # the text-only methods' evidence: how many sampled answers
+            q["samples"] = {"n": t.samples.n, "temperature": t.samples.temperature}
+        if t is not None and t.output_logprobs is not None:  # a text-only trace has no token probabilities to show
             lp = np.asarray(t.output_logprobs, dtype=np.float64)
             p = np.exp(lp[:M])  # float64, exactly as tpd_score computes it
             q["n_tokens"] = int(t.num_tokens)
