@@ -13,6 +13,8 @@ functions load what they need when called.
 
 from __future__ import annotations
 
+import sys
+
 __version__ = "0.1.0"
 
 from distill_detect.errors import ConfigError, DistillDetectError, InputError
@@ -40,3 +42,17 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'distill_detect' has no attribute {name!r}")
+
+
+class _Package(type(sys.modules[__name__])):
+    """Keeps ``dd.audit`` and ``dd.finetune`` the API's functions once the modules of the same name are
+    imported (Python would otherwise set the package attribute to the submodule); the modules stay
+    importable as ``distill_detect.audit`` and ``distill_detect.finetune``."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, type(sys)):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

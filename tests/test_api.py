@@ -70,3 +70,13 @@ def test_the_example_script_runs(tmp_path, tiny_dir):
                        text=True, timeout=600, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tpd" in r.stdout and "contamina" in r.stdout.split("outputs in")[0]
+
+
+def test_api_names_stay_functions_after_their_namesake_modules_are_imported():
+    import distill_detect.audit
+    import distill_detect.finetune  # noqa: F401
+    from distill_detect.api import audit
+    from distill_detect.finetune import finetune
+
+    assert dd.audit is audit and dd.finetune is finetune
+    assert distill_detect.audit.audit is not audit  # the statistics function, in its module

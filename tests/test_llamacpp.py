@@ -161,4 +161,4 @@ def test_dc_pdd_scores_a_llamacpp_run(tmp_path, monkeypatch):
     assert rc == 0
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(np.isfinite(r["dc_pdd"]) for r in rows)
-    assert list((tmp_path / "cache" / "token_freq").glob("bundled-gguf-*.npy"))
+    assert list((tmp_path / "cache" / "token_freq").glob("gguf-*.npy"))
