@@ -405,10 +405,48 @@ def freq_table_for(tokenizer, texts: Sequence[str] | None = None) -> np.ndarray:
     return table
 
 
+def solution_pass(backend, traces: Sequence[Trace], batch_size: int = 8, *, key: str = "solution_logprobs"):
+    """Teacher-force each question's own solution (``Trace.solution``: the question file's ``response``, else
+    ``answer``) as the assistant turn, exactly as ``finetune`` encodes a training example, and return
+    ``{trace_id: {key: float32 [S]}}``: log p of each solution token and of the end-of-turn after it."""
+    from distill_detect.finetune import encode_example
+
+    bs = _check_batch_size(batch_size)
+    traces = [t for t in traces]
+    missing = [t.id for t in traces if not t.solution]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} question(s) have no solution to score (first: {missing[0]!r}); the sol_* methods need a "
+            "'response' (or 'answer') field in the question file"
+        )
+    conts = []
+    for t in traces:
+        ex = encode_example(backend.tok, _question_of(t, "solution"), t.solution, backend.system_prompt)
+        conts.append(np.asarray([i for i, m in zip(ex["input_ids"], ex["completion_mask"]) if m], dtype=np.int64))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for chunk in _batches(_by_length([len(c) for c in conts]), bs, f"{key.split('_')[0]} solution pass"):
+        try:
+            res = backend.score([Question(id=traces[i].id, text=traces[i].question) for i in chunk], [conts[i] for i in chunk])
+        except NotImplementedError as exc:
+            raise ConfigError(f"the sol_* methods need a backend that can teacher-force a continuation: {exc}") from None
+        for i, lp in zip(chunk, res):
+            out[traces[i].id] = {key: _f32(lp)}
+    return out
+
+
+def reference_solution_pass(ref_backend, traces: Sequence[Trace], batch_size: int = 8):
+    """``solution_pass`` under the reference (pre-distillation) model."""
+    return solution_pass(ref_backend, traces, batch_size, key="reference_solution_logprobs")
+
+
 register_pass(Pass("lowercase", ("lowercase_prompt_logprobs",), "student", lowercase_pass,
                    "the question lowercased, teacher-forced through the audited model"))  # fmt: skip
 register_pass(Pass("reference", ("reference_prompt_logprobs", "reference_output_logprobs"), "reference", reference_pass,
                    "the question and the student's tokens under the pre-distillation model (--reference-model)"))  # fmt: skip
+register_pass(Pass("solution", ("solution_logprobs",), "student", solution_pass,
+                   "the question file's solution teacher-forced through the audited model"))  # fmt: skip
+register_pass(Pass("reference_solution", ("reference_solution_logprobs",), "reference", reference_solution_pass,
+                   "the question file's solution teacher-forced through the pre-distillation model (--reference-model)"))  # fmt: skip
 register_pass(Pass("dcpdd_freq", ("dcpdd_token_freq",), "tokenizer",
                    lambda tok, traces, batch_size: dcpdd_freq_pass(traces, freq_table_for(tok)),
                    "corpus frequencies of the question tokens (DC-PDD), from the bundled corpus"))  # fmt: skip

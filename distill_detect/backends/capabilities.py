@@ -48,6 +48,7 @@ CAPABILITY_WORDS = {
     "prompt_logprobs": "log-probabilities of the question tokens (teacher-forced prompt)",
     "prompt_stats": "full-vocabulary statistics at each question token",
     "samples": "answers sampled at a temperature",
+    "score": "log-probabilities of a given text teacher-forced after the prompt",
 }
 
 

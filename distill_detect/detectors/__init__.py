@@ -26,6 +26,7 @@ from distill_detect.detectors.lowercase import lowercase_ratio
 from distill_detect.detectors.min_k import min_k, min_k_pp
 from distill_detect.detectors.output import out_entropy, out_max_prob, out_min_k, out_ppl
 from distill_detect.detectors.reference import reference
+from distill_detect.detectors.solution import sol_loss, sol_ratio
 from distill_detect.detectors.tpd import tpd
 from distill_detect.detectors.tpd_ref import tpd_ref
 from distill_detect.detectors.zlib_ratio import zlib_ratio
@@ -82,6 +83,20 @@ for _det in (
         defaults={"tau": 0.9, "max_tokens": 300},
         summary="log ratio of the student's rises to falls against its base on its uncertain tokens (after EZ-MIA); higher = member",
         budget_param="max_tokens",
+    ),
+    Detector(
+        name="sol_loss",
+        fn=sol_loss,
+        higher_is_member=False,
+        needs=frozenset({"extra:solution_logprobs"}),
+        summary="mean NLL of the question file's solution, teacher-forced as the assistant turn (needs a response field); lower = member",
+    ),
+    Detector(
+        name="sol_ratio",
+        fn=sol_ratio,
+        higher_is_member=True,
+        needs=frozenset({"extra:solution_logprobs", "extra:reference_solution_logprobs"}),
+        summary="mean log-prob gain over the base model on the question file's solution (needs a response field); higher = member",
     ),
     Detector(
         name="loss",

@@ -71,6 +71,14 @@ _SOURCES = {
         "the pre-distillation base model's log-probabilities of the student's generated tokens: give --reference-model "
         "BASE to 'distill-detect run' or 'score --run RUN' (the base must share the student's tokenizer)"
     ),
+    "extra:solution_logprobs": (
+        "the log-probabilities of the question file's solution (a 'response' or 'answer' field) teacher-forced through "
+        "the audited model, computed by 'distill-detect run' or 'score --run RUN --methods sol_loss' (no generation needed)"
+    ),
+    "extra:reference_solution_logprobs": (
+        "the same solution's log-probabilities under the pre-distillation base model: give --reference-model BASE to "
+        "'distill-detect run' or 'score --run RUN' (the base must share the student's tokenizer)"
+    ),
     "extra:dcpdd_token_freq": (
         "corpus frequencies of the question tokens, looked up by 'distill-detect run' or 'score --run RUN --methods dc_pdd' "
         "from the question token ids (recorded unless --no-prompt-logprobs was given)"
@@ -99,6 +107,8 @@ NEEDS: dict[str, Need] = {
     "extra:lowercase_prompt_logprobs": Need((), ("prompt_logprobs",), False, _SOURCES["extra:lowercase_prompt_logprobs"]),
     "extra:reference_prompt_logprobs": Need((), (), False, _SOURCES["extra:reference_prompt_logprobs"]),
     "extra:reference_output_logprobs": Need((), ("output_ids",), False, _SOURCES["extra:reference_output_logprobs"]),
+    "extra:solution_logprobs": Need((), ("score",), False, _SOURCES["extra:solution_logprobs"]),
+    "extra:reference_solution_logprobs": Need((), (), False, _SOURCES["extra:reference_solution_logprobs"]),
     "extra:dcpdd_token_freq": Need((), ("prompt_logprobs",), True, _SOURCES["extra:dcpdd_token_freq"]),
     "output_text": Need(("output_text",), (), False, _SOURCES["output_text"]),
     "output_samples": Need(("samples", "output_text"), ("samples",), False, _SOURCES["output_samples"]),
