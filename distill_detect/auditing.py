@@ -8,7 +8,9 @@ every trace at one budget, score with one detector, run the statistics, write th
    records which stored ids form each set.
 2. Only missing traces are generated, and only as many tokens as the method reads; every trace
    is then read at that one budget, so a reused store holding longer traces cannot tilt the
-   comparison, and traces cut short by an older, lower cap are refused by name.
+   comparison, and traces cut short by an older, lower cap are refused by name. A text-only
+   method reads the sampled answers of the setting chosen here (``audit_sampling``), recorded in
+   ``audit_sets.json`` so ``audit_from`` reads the same ones.
 3. Every trace is scored with the detector; ``audit.audit`` orients the raw scores by the
    method's direction and returns conformal p-values, BH flags, the dataset test and the fraction.
 4. Outputs: ``OUT/audit.json``, ``OUT/audit_questions.csv``, ``OUT/scores.jsonl``, ``OUT/report.html``.
@@ -93,15 +95,31 @@ def store_ids(bench, ref) -> tuple[list, list]:
     return b, r
 
 
-def pick_traces(run_dir: Path, bench, ref):
+def audit_sampling(gen, budget: int, run_dir: Path, method: str) -> dict | None:
+    """The sampled answers the audit reads (``{**GenConfig.sampling(), "n": N}``), chosen here, not left to the
+    run's latest request: those ``gen`` asks for (at the decoding budget, as they were generated), else, for a
+    method that reads sampled answers, the setting the run stored last (``pipeline.choose_sampling``); None when
+    the method reads none."""
+    from distill_detect.detectors import get
+    from distill_detect.pipeline import choose_sampling
+
+    if gen.samples:
+        return {**replace(gen, max_new_tokens=budget).sampling(), "n": gen.samples}
+    if "output_samples" in get(method).needs and (Path(run_dir) / "traces.sqlite").exists():
+        return choose_sampling(run_dir)
+    return None
+
+
+def pick_traces(run_dir: Path, bench, ref, *, sampling: dict | None = None):
     """(benchmark traces, reference traces, fingerprint, their ids in the store), in set order.
 
     A question is found by its id (reference: with or without the ``ref:`` prefix) when the
-    stored text matches, else by its text; an error names how many are missing.
+    stored text matches, else by its text; an error names how many are missing. ``sampling``
+    (``audit_sampling``) names the sampled answers attached to the traces.
     """
     from distill_detect.pipeline import read_run
 
-    traces, fp, _ = read_run(run_dir)
+    traces, fp, _ = read_run(run_dir, sampling=sampling)
     by_id = {t.id: t for t in traces}
     by_text = {}
     for t in traces:
@@ -290,14 +308,20 @@ def audit_pipeline(questions, reference, *, out: Path, make_reference: bool, set
         with source.located():
             s = pipeline.generate(sb + sr, run_dir, settings, replace(gen, max_new_tokens=budget), methods=[name], log=log)
         if log:
-            log(f"generated {s['generated']} questions ({s['tokens']} tokens in {s['seconds']:.0f}s); {s['already_done']} were already stored"
+            made = f"{s['tokens']} tokens in {s['seconds']:.0f}s" if gen.logprobs else f"text only, in {s['seconds']:.0f}s"
+            log(f"generated {s['generated']} questions ({made}); {s['already_done']} were already stored"
                 if s["generated"] else f"all {s['planned']} questions already stored in {run_dir}: no generation")  # fmt: skip
+            if s.get("samples_generated"):
+                log(
+                    f"sampled {s['samples_generated']} answers ({s['sample_tokens']} tokens); {s['samples_already_done']} were already stored"
+                )
         with _store(run_dir) as st:
             fp0 = st.get_meta("fingerprint")
         ref_factory, ref_id = reference_backend(reference_model, fp0)
         pipeline.run_passes(run_dir, [name], student_factory=settings.factory(gen), reference_factory=ref_factory,
                             reference_identity=ref_id, batch_size=gen.batch_size, ids={q.id for q in sb + sr}, log=log)  # fmt: skip
-    tb, tr, fp, store_b, store_r = pick_traces(run_dir, sb, sr)
+    sampling = audit_sampling(gen, budget, run_dir, name)
+    tb, tr, fp, store_b, store_r = pick_traces(run_dir, sb, sr, sampling=sampling)
     read = pipeline.read_budget({name: params}, budget)
     both = pipeline.at_budget(tb + tr, read, where=run_dir)
     tb, tr = both[: len(tb)], both[len(tb) :]
@@ -308,6 +332,7 @@ def audit_pipeline(questions, reference, *, out: Path, make_reference: bool, set
         "max_new_tokens": read,
         "benchmark": {"source": bench_src, "ids": [q.id for q in sb], "store_ids": store_b},
         "reference": {**info, "ids": [q.id for q in sr], "store_ids": store_r},
+        **({"sampling": sampling} if sampling else {}),
     }
     return finish(out, sets, tb, tr, fp, name, params, det, fdr=fdr, alpha=alpha, seed=seed, bootstrap=bootstrap, report=report)
 
@@ -332,7 +357,10 @@ def audit_from(src, *, out=None, run_dir=None, method: str | None = None, params
     else:
         name, params, det = _resolve(sets["method"], None)
         params = {**params, **(sets.get("params") or {})}
-    traces, fp, _ = pipeline.read_run(run_dir)
+    sampling = sets.get("sampling")  # the answers the audit read, whatever the run sampled since
+    if sampling is None and "output_samples" in det.needs:
+        sampling = pipeline.choose_sampling(run_dir)
+    traces, fp, _ = pipeline.read_run(run_dir, sampling=sampling)
     by_id = {t.id: t for t in traces}
     b, r = sets["benchmark"], sets["reference"]
     missing = [i for i in b["store_ids"] + r["store_ids"] if i not in by_id]
@@ -353,6 +381,8 @@ def audit_from(src, *, out=None, run_dir=None, method: str | None = None, params
     both = pipeline.at_budget(tb + tr, read, where=run_dir)
     tb, tr = both[: len(tb)], both[len(tb) :]
     sets = {**sets, "run": str(run_dir.resolve()), "method": name, "params": params, "max_new_tokens": read}
+    if sampling:
+        sets["sampling"] = sampling
     return finish(Path(out) if out else src, sets, tb, tr, fp, name, params, det, fdr=fdr, alpha=alpha, seed=seed,
                   bootstrap=bootstrap, report=report)  # fmt: skip
 
@@ -387,6 +417,7 @@ def finish(
     for row, r in zip(doc["questions"], raw[:n]):
         row["raw_score"] = float(r)
     model = (fp or {}).get("model") or {}
+    src = {"run": sets["run"], "fingerprint": fp, **({"sampling": sets["sampling"]} if sets.get("sampling") else {})}
     with _store(sets["run"]) as st:
         location = (st.get_meta("model") or {}).get("location")
     doc.update(
@@ -399,7 +430,7 @@ def finish(
             "reference": {k: v for k, v in sets["reference"].items() if k not in ("ids", "store_ids")} | {"n": len(tr)},
             "model": model.get("name") or model.get("hub_id"),
             "model_location": location,
-            "source": {"run": sets["run"], "fingerprint": fp},
+            "source": src,
             "max_new_tokens": sets.get("max_new_tokens"),
             "package_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -414,7 +445,7 @@ def finish(
     write_json(out / AUDIT_FILE, finite_or_none(doc))
     write_json(out / SETS_FILE, sets)
     write_csv(out / CSV_FILE, tb, doc["questions"])
-    config = {"source": {"run": sets["run"], "fingerprint": fp}, "methods": {name: params}, "audit": str(out / AUDIT_FILE),
+    config = {"source": src, "methods": {name: params}, "audit": str(out / AUDIT_FILE),
               "model_location": location}  # fmt: skip
     write_outputs(out, tb + tr, {name: raw}, None, config)
     rep = AuditReport(res, doc, sets, context_lines(res, name, params, det, sets, doc), out)

@@ -190,6 +190,23 @@ def parse_label(path, line, value, from_csv: bool):
     return int(value)
 
 
+def text_or_number(path, line: int, rec: dict, field: str | None) -> str | None:
+    """``rec[field]`` as text: a string as it is, a finite number written out (``42``, ``42.0`` -> ``"42"``,
+    ``2.5`` -> ``"2.5"``), None when absent or null; any other type is an ``InputError`` naming file:line:field.
+
+    >>> text_or_number("q.jsonl", 1, {"answer": 42.0}, "answer"), text_or_number("q.jsonl", 1, {"answer": 2.5}, "answer")
+    ('42', '2.5')
+    """
+    value = rec.get(field) if field else None
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(path, f"must be text or a finite number, got {value!r}", line=line, field=field)
+        return str(int(value)) if isinstance(value, int) or value.is_integer() else repr(value)
+    raise InputError(path, f"must be text or a number, got {type(value).__name__}", line=line, field=field)
+
+
 def load_questions(
     path,
     *,
@@ -199,12 +216,14 @@ def load_questions(
     response_field: str | None = "response",
     label: int | None = None,
     require_response: bool = False,
+    answer_field: str | None = "answer",
 ) -> list[Question]:
     """Load questions from a local file (or ``bundled:NAME``).
 
     ``label`` forces every question's label (e.g. a members-only file). Duplicate ids
     with different text are an error; an exact duplicate (same id, same text) is dropped
-    with a warning.
+    with a warning. ``response`` (a worked solution) and ``answer`` (the final answer) may be
+    text or a number (``"answer": 42`` reads as ``"42"``); anything else is refused by line.
     """
     recs = read_records(path)
     name = str(path)
@@ -235,9 +254,8 @@ def load_questions(
         else:
             raise InputError(name, f"id must be a string or integer, got {type(raw_id).__name__}", line=line, field=id_field)
         lab = parse_label(name, line, rec.get(label_field), from_csv) if label is None else label
-        resp = rec.get(response_field) if response_field else None
-        if resp is not None and not isinstance(resp, str):
-            raise InputError(name, f"must be a string, got {type(resp).__name__}", line=line, field=response_field)
+        resp = text_or_number(name, line, rec, response_field)
+        answer = text_or_number(name, line, rec, answer_field)
         if require_response and not (resp and resp.strip()):
             raise InputError(name, "missing or empty response (needed for fine-tuning)", line=line, field=response_field)
         if qid in seen:
@@ -249,7 +267,7 @@ def load_questions(
             dup += 1
             continue
         seen[qid] = (text, line)
-        out.append(Question(id=qid, text=text, label=lab, response=resp))
+        out.append(Question(id=qid, text=text, label=lab, response=resp, answer=answer if answer and answer.strip() else None))
     if dup:
         warnings.warn(f"{name}: dropped {dup} exact duplicate question(s)", stacklevel=2)
     return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 from collections import deque
@@ -78,7 +79,11 @@ def merge_runs(sources: Sequence, out, *, log: Callable[[str], None] | None = No
 
     Questions keep the order of the sources (first run first). A question in several
     runs must carry the same text, and its traces (and extra-pass arrays) must be
-    identical, or the merge is refused before anything is written. Returns counts.
+    identical, or the merge is refused before anything is written. The sampled answers
+    (every sampling setting) and the benchmark's solutions are copied the same way:
+    an identical duplicate is kept once, a conflicting one refuses the merge. The merged
+    run's latest sampling request (what ``score`` reads by default) is the first source's
+    that has one (``out``'s own when it already has one). Returns counts.
     """
     if not sources:
         raise ConfigError("merge needs at least one run directory")
@@ -100,6 +105,8 @@ def merge_runs(sources: Sequence, out, *, log: Callable[[str], None] | None = No
         questions: dict[str, tuple] = {}
         traces: dict[str, tuple] = {}
         extras: dict[tuple[str, str], tuple] = {}
+        samples: dict[tuple[str, str, int], tuple] = {}  # (id, setting, k) -> ((text, tokens, finish), created, source)
+        solutions: dict[str, tuple[str, Path]] = {}
         dup_identical = 0
         for s, st in zip(srcs, stores):
             for q in st.questions():
@@ -125,7 +132,20 @@ def merge_runs(sources: Sequence, out, *, log: Callable[[str], None] | None = No
                 if key in extras and extras[key][0] != tuple(val):
                     raise ConfigError(f"question {qid!r}: extra array {name!r} differs between {extras[key][1]} and {s}")
                 extras.setdefault(key, (tuple(val), s))
+            for qid, setting, k, *val, created in st.sample_rows():
+                key = (qid, setting, int(k))
+                if key in samples and samples[key][0] != tuple(val):
+                    raise ConfigError(
+                        f"question {qid!r}: sampled answer {k} ({_setting_words(setting)}) differs between {samples[key][2]} "
+                        f"and {s} (same seed, so one of them came from another server or model); merge without one of them"
+                    )
+                samples.setdefault(key, (tuple(val), created, s))
+            for qid, text in st.solutions().items():
+                if qid in solutions and solutions[qid][0] != text:
+                    raise ConfigError(f"question {qid!r} has a different solution in {solutions[qid][1]} and {s}; cannot merge")
+                solutions.setdefault(qid, (text, s))
         model_meta = stores[0].get_meta("model")
+        sampling_meta = next((m for m in (st.get_meta("sampling") for st in stores) if m is not None), None)
     finally:
         for st in stores:
             st.close()
@@ -137,6 +157,19 @@ def merge_runs(sources: Sequence, out, *, log: Callable[[str], None] | None = No
             for qid, (data, s) in traces.items():
                 if qid in existing and existing[qid] != data:
                     raise ConfigError(f"question {qid!r} in {s} differs from the trace already in {out}; cannot merge")
+            have = {(qid, setting, int(k)): tuple(val) for qid, setting, k, *val, _ in store.sample_rows()}
+            for (qid, setting, k), (val, _, s) in samples.items():
+                if have.get((qid, setting, k), val) != val:
+                    raise ConfigError(
+                        f"question {qid!r}: sampled answer {k} ({_setting_words(setting)}) in {s} differs from the one "
+                        f"already in {out}; cannot merge"
+                    )
+            had = store.solutions()
+            for qid, (text, s) in solutions.items():
+                if had.get(qid, text) != text:
+                    raise ConfigError(
+                        f"question {qid!r}: the solution in {s} differs from the one already in {out}; cannot merge"
+                    )
             store.add_questions(Question(id=q, text=t, label=lab) for q, (t, lab, _) in questions.items())
             if model_meta is not None:
                 store.set_meta("model", model_meta)
@@ -144,7 +177,12 @@ def merge_runs(sources: Sequence, out, *, log: Callable[[str], None] | None = No
                 ((qid, *data) for qid, (data, _) in traces.items()),
                 ((qid, name, *val) for (qid, name), (val, _) in extras.items()),
             )
+            store.put_sample_rows((qid, setting, k, *val, created) for (qid, setting, k), (val, created, _) in samples.items())
+            store.put_solutions({qid: text for qid, (text, _) in solutions.items()})
+            if sampling_meta is not None and store.get_meta("sampling") is None:
+                store.set_meta("sampling", sampling_meta)
             counts = store.counts()
+            sample_counts = store.sample_counts()
     finally:
         store.close()
     summary = {
@@ -152,11 +190,23 @@ def merge_runs(sources: Sequence, out, *, log: Callable[[str], None] | None = No
         "questions": counts["questions"],
         "traces": counts["traces"],
         "duplicates_identical": dup_identical,
+        "samples": sample_counts["samples"],
+        "solutions": len(solutions),
     }
     if log:
         log(f"merged {len(srcs)} runs into {out}: {counts['traces']} traces of {counts['questions']} questions"
-            + (f" ({dup_identical} identical duplicates kept once)" if dup_identical else ""))  # fmt: skip
+            + (f" ({dup_identical} identical duplicates kept once)" if dup_identical else "")
+            + (f"; {sample_counts['samples']} sampled answers" if sample_counts["samples"] else ""))  # fmt: skip
     return summary
+
+
+def _setting_words(setting: str) -> str:
+    """A stored sampling key (``TraceStore.sampling_key``) in words, for messages."""
+    try:
+        d = json.loads(setting)
+        return ", ".join(f"{k}={d[k]}" for k in ("temperature", "top_p", "seed", "max_new_tokens") if k in d)
+    except (ValueError, TypeError, AttributeError):
+        return setting
 
 
 # -- the CLI's entry points ----------------------------------------------------------------------

@@ -75,24 +75,6 @@ def check_sampling_feeds(methods: Sequence[str], gen) -> None:
             )
 
 
-def text_only_factory(factory: Callable[[], object]) -> Callable[[], object]:
-    """``factory`` whose backend asks for no log-probabilities (``GenConfig.logprobs=False``)."""
-
-    def make():
-        backend = factory()
-        if not hasattr(backend, "text_only"):
-            name = getattr(backend, "name", "?")
-            backend.close()
-            raise ConfigError(
-                f"--no-logprobs is for servers that return text only (--backend openai); the {name} backend always "
-                "records log-probabilities, so leave --no-logprobs out"
-            )
-        backend.text_only()
-        return backend
-
-    return make
-
-
 def check_identity(store: TraceStore, identity: dict | None) -> None:
     """Refuse a run made with another model/backend/system prompt, comparing only what ``identity`` knows."""
     old = store.get_meta("fingerprint")
@@ -275,9 +257,7 @@ def generate(questions: Sequence[Question], run_dir, settings, gen, *, methods: 
 
     check_decoding_feeds(methods, gen.prompt_logprobs)
     check_sampling_feeds(methods, gen)
-    factory = settings.factory(gen, methods)
-    if not gen.logprobs:
-        factory = text_only_factory(factory)
+    factory = settings.factory(gen, methods)  # text only from the start with --no-logprobs
     sampling = {**gen.sampling(), "n": gen.samples} if gen.samples else None
     if settings.shard:
         i, n = parse_shard(settings.shard)

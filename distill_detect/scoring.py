@@ -29,7 +29,7 @@ from distill_detect.types import Trace
 
 
 class EmptyTraceWarning(UserWarning):
-    """Some traces have zero generated tokens (their TPD is 0 by definition)."""
+    """Some traces with log-probabilities have zero generated tokens (their TPD is 0 by definition)."""
 
 
 def resolve_methods(methods: Sequence[str], params: dict[str, dict] | None = None) -> dict[str, dict]:
@@ -67,11 +67,16 @@ def generation_budget(methods: dict[str, dict], max_new_tokens: int) -> int:
 
 
 def score_traces(traces: Sequence[Trace], methods: dict[str, dict]) -> dict[str, np.ndarray]:
-    """Raw scores {method: float64 [n]} in each method's own sign."""
-    empty = sum(1 for t in traces if t.num_tokens == 0)
+    """Raw scores {method: float64 [n]} in each method's own sign.
+
+    Warns (``EmptyTraceWarning``) when traces with log-probabilities have no generated token; a
+    text-only trace (``--no-logprobs``: no log-probabilities, often no token count) is not counted.
+    """
+    with_lp = [t for t in traces if t.has_logprobs]
+    empty = sum(1 for t in with_lp if t.num_tokens == 0)
     if empty:
         warnings.warn(
-            f"{empty} of {len(traces)} traces have no generated tokens; their TPD is 0 by the paper's definition",
+            f"{empty} of {len(with_lp)} traces have no generated tokens; their TPD is 0 by the paper's definition",
             EmptyTraceWarning,
             stacklevel=2,
         )

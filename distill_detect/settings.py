@@ -8,6 +8,7 @@ fingerprint that can be checked before any model is loaded.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, fields
 
@@ -73,11 +74,21 @@ class ModelSettings:
                 raise ConfigError(f"--{name} {v}: give a positive integer")
 
     def factory(self, gen: GenConfig, methods=()):
-        """A function that builds the backend; methods it cannot run are refused now and once it is up."""
+        """A function that builds the backend; methods it cannot run are refused now and once it is up.
+
+        ``gen.logprobs=False`` (``--no-logprobs``) builds the backend text only from the start (the
+        openai backend's ``logprobs=False``: no log-probability is ever asked for, not even to probe the
+        server); a backend that cannot run so is refused here, before anything is loaded.
+        """
         from distill_detect.backends import get_backend_class
         from distill_detect.backends.capabilities import backend_kwargs, checked_factory
 
-        get_backend_class(self.backend)  # an unknown name fails before anything is loaded
+        cls = get_backend_class(self.backend)  # an unknown name fails before anything is loaded
+        if not gen.logprobs and "logprobs" not in inspect.signature(cls.__init__).parameters:
+            raise ConfigError(
+                f"--no-logprobs is for servers that return text only (--backend openai); the {self.backend} backend always "
+                "records log-probabilities, so leave --no-logprobs out"
+            )
 
         def make():
             from distill_detect.backends import make_backend
@@ -87,10 +98,13 @@ class ModelSettings:
                 dtype=self.dtype,
                 device=self.device,
                 system_prompt=gen.system_prompt,
-                prompt_logprobs=gen.prompt_logprobs,
+                prompt_logprobs=gen.prompt_logprobs and gen.logprobs,
                 trust_remote_code=self.trust_remote_code,
             )
-            return make_backend(self.backend, **backend_kwargs(self.backend, self, common))
+            kwargs = backend_kwargs(self.backend, self, common)
+            if not gen.logprobs:  # built text only: it never asks the server for a log-probability
+                kwargs["logprobs"] = False
+            return make_backend(self.backend, **kwargs)
 
         return checked_factory(make, self, list(methods) or None)
 
@@ -102,6 +116,8 @@ class ModelSettings:
         (library versions, template, stop tokens) is checked once the backend is up.
         """
         ident: dict = {"backend": self.backend, "system_prompt": gen.system_prompt, "decoding": "greedy"}
+        if not gen.logprobs:  # a run made with log-probabilities is refused before the server is asked anything
+            ident["logprobs"] = False
         if self.backend in ("hf", "vllm"):
             from distill_detect.models import resolve_model
 

@@ -430,6 +430,21 @@ class TraceStore:
             out[qid] = Samples(texts=tuple(r[1] for r in rows), num_tokens=tuple(int(r[2]) for r in rows), **settings)
         return out
 
+    def sample_rows(self) -> Iterator[tuple]:
+        """Every stored sampled answer as ``(id, setting, k, text, num_tokens, finish_reason, created)``, ``setting``
+        being ``sampling_key``'s text (for ``merge``: compared and copied as stored)."""
+        yield from self.db.execute("SELECT id, setting, k, text, num_tokens, finish_reason, created FROM samples")
+
+    def put_sample_rows(self, rows: Iterable[tuple]) -> None:
+        """Store raw rows from another run's ``sample_rows`` in one transaction (their ``created`` kept, so the
+        order of the sampling settings, ``sample_settings``, is kept too)."""
+        data = [tuple(r) for r in rows]
+        with self._tx():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO samples (id, setting, k, text, num_tokens, finish_reason, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                data,
+            )
+
     def sample_counts(self) -> dict:
         """{answers stored, tokens they took} over every setting (the cost of sampling)."""
         n, tok = self.db.execute("SELECT COUNT(*), COALESCE(SUM(num_tokens), 0) FROM samples").fetchone()

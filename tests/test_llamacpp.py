@@ -107,6 +107,38 @@ def test_stops_budget_and_prompt_scoring(lc, questions):
     np.testing.assert_allclose(p["prompt_logprobs"], first.prompt_logprobs, atol=1e-4, rtol=0)
 
 
+def test_sampling_is_deterministic_for_a_seed_and_batch_independent(lc, questions):
+    """Answer k of a question is a function of (seed, question id, k): the same however it is batched or
+    ordered, another seed draws other answers, and a top-p that keeps one token is the greedy answer."""
+    kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=10)
+    reqs = [(questions[0], 0), (questions[0], 1), (questions[1], 0), (questions[2], 3)]
+    first = lc.sample(reqs, seed=3, **kw)
+    assert lc.sample(reqs, seed=3, **kw) == first  # same seed, same answers (text, tokens, finish)
+    singles = [lc.sample([r], seed=3, **kw)[0] for r in reversed(reqs)][::-1]
+    assert singles == first  # one at a time, in the other order
+    assert first[0].text != first[1].text or first[0].num_tokens != first[1].num_tokens  # k changes the stream
+    other = lc.sample(reqs, seed=4, **kw)
+    assert [s.text for s in other] != [s.text for s in first]
+    assert all(0 < s.num_tokens <= 10 and s.finish_reason in ("stop", "length") and s.text for s in first)
+    greedy = lc.generate(questions[:3], max_new_tokens=10)
+    one_token = lc.sample([(q, 0) for q in questions[:3]], seed=3, temperature=1.0, top_p=1e-9, max_new_tokens=10)
+    assert [s.text for s in one_token] == [t.output_text for t in greedy]
+    assert [s.num_tokens for s in one_token] == [t.num_tokens for t in greedy]
+
+
+def test_sampled_answers_stored_by_the_pipeline_do_not_depend_on_the_batch(tmp_path, questions):
+    import distill_detect as dd
+    from distill_detect.store import TraceStore
+
+    runs = []
+    for bs in (1, 4):
+        dd.generate(questions[:2], tmp_path / f"b{bs}", model=dd.ModelSettings(backend="llamacpp", threads=1),
+                    gen=dd.GenConfig(max_new_tokens=8, batch_size=bs, samples=2, seed=5), methods=["cdd"])  # fmt: skip
+        with TraceStore(tmp_path / f"b{bs}") as st:
+            runs.append({t.id: (t.output_text, t.samples.texts) for t in st.traces(sampling=st.get_meta("sampling"))})
+    assert runs[0] == runs[1] and all(len(s) == 2 for _, s in runs[0].values())
+
+
 def test_cli_runs_with_the_llamacpp_backend(tmp_path):
     from distill_detect import cli
     from distill_detect.pipeline import read_run

@@ -564,3 +564,73 @@ def test_real_server_kill_loses_no_finished_question(tmp_path, tok_dir):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@needs_server
+def test_real_server_text_only_generate_then_score_without_a_model(server, tok_dir, tmp_path, monkeypatch):
+    """--no-logprobs --samples 4 against llama.cpp's server, then the text-only methods from the stored answers
+    with no model and no server: what a black-box audit of a text-only API does (docs/black-box.md)."""
+    pytest.importorskip("rapidfuzz", reason="the text-only methods need rapidfuzz: pip install 'distill-detect[text]'")
+    import contextlib
+    import io
+    import warnings
+
+    import distill_detect.backends as B
+    from distill_detect.cli import main
+    from distill_detect.store import TraceStore
+
+    answers = [56, "Paris", "red", 9]  # numbers as numbers: read as text
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(
+        "".join(
+            json.dumps({"id": f"t{i}", "question": t, "answer": a}) + "\n" for i, (t, a) in enumerate(zip(QUESTIONS, answers))
+        )
+    )
+
+    def cli(argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rc = main(argv)
+        return rc, out.getvalue() + err.getvalue(), [str(w.message) for w in caught]
+
+    gen = ["generate", "--questions", str(qfile), "--backend", "openai", "--base-url", server["url"], "--model", "smollm2",
+           "--tokenizer", tok_dir, "--extra-body", json.dumps(EXTRA), "--no-logprobs", "--max-new-tokens", str(MAX_NEW)]  # fmt: skip
+    rc, said, _ = cli([*gen, "--out", str(tmp_path / "run"), "--samples", "4", "--sample-seed", "11"])
+    assert rc == 0, said
+    assert "16 sampled answers generated now" in said
+    with TraceStore(tmp_path / "run") as st:
+        fp, sampling = st.get_meta("fingerprint"), st.get_meta("sampling")
+        traces = list(st.traces(sampling=sampling))
+    assert fp["logprobs"] is False and fp["backend"] == "openai" and sampling["n"] == 4 and sampling["seed"] == 11
+    assert [t.id for t in traces] == ["t0", "t1", "t2", "t3"] and [t.solution for t in traces] == ["56", "Paris", "red", "9"]
+    assert all(t.output_logprobs is None and t.output_text and t.samples.n == 4 for t in traces)
+    assert all(all(s.strip() for s in t.samples.texts) and 0 < max(t.samples.num_tokens) <= MAX_NEW for t in traces)
+
+    # The text-only greedy answer is the server's greedy answer (the same one it gives with log-probabilities).
+    with_lp = _server_backend(server["url"], tok_dir, prompt_logprobs=False).generate(
+        [Question("t1", QUESTIONS[1])], max_new_tokens=MAX_NEW
+    )[0]
+    assert with_lp.output_text == traces[1].output_text
+
+    # Seeded: answer k depends on (seed, question, k) only, so N = 2 in another run is the first two of N = 4.
+    rc, said, _ = cli([*gen, "--out", str(tmp_path / "run2"), "--samples", "2", "--sample-seed", "11"])
+    assert rc == 0, said
+    with TraceStore(tmp_path / "run2") as st:
+        two = {t.id: t for t in st.traces(sampling=st.get_meta("sampling"))}
+    for t in traces:
+        assert two[t.id].output_text == t.output_text and two[t.id].samples.texts == t.samples.texts[:2]
+
+    # Scoring reads the stored answers: no model, no server, no warning about tokens or TPD.
+    monkeypatch.setattr(B, "make_backend", lambda *a, **k: pytest.fail("score must not load a model"))
+    rc, said, caught = cli(
+        ["score", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "scored"), "--methods", "cdd,answer_agree"]
+    )
+    assert rc == 0, said
+    assert not [w for w in caught if "token" in w or "TPD" in w], caught
+    rows = [json.loads(x) for x in (tmp_path / "scored" / "scores.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["t0", "t1", "t2", "t3"]
+    assert all(0.0 <= r["cdd"] <= 1.0 and 0.0 <= r["answer_agree"] <= 1.0 for r in rows)
+    assert set(rows[0]) == {"id", "cdd", "answer_agree"}
+    rc, said, _ = cli(["score", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "tpd"), "--methods", "tpd"])
+    assert rc == 2 and "output_logprobs" in said  # a text-only run cannot feed a log-probability method

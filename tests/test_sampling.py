@@ -247,6 +247,23 @@ def test_audit_with_a_text_only_method(tiny_dir, tmp_path):
     assert doc["method"] == "cdd" and doc["higher_is_member"] is True and len(doc["questions"]) == 6
     rows = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 26 and all(0.0 <= r["cdd"] <= 1.0 for r in rows)
+    chosen = {"temperature": 1.0, "top_p": 1.0, "seed": 0, "max_new_tokens": MAX_NEW, "n": 2}
+    sets = json.loads((out / "audit_sets.json").read_text())
+    assert sets["sampling"] == chosen and doc["source"]["sampling"] == chosen
+
+    # The run samples another setting later (its latest request now): the audit keeps reading the answers it chose.
+    later = ["generate", "--model", str(tiny_dir), "--questions", str(bench), "--out", str(out / "run"), "--samples", "2",
+             "--sample-seed", "7", "--max-new-tokens", str(MAX_NEW)]  # fmt: skip
+    assert _main(later)[0] == 0
+    with TraceStore(out / "run") as st:
+        assert st.get_meta("sampling")["seed"] == 7
+        ours, theirs = st.samples(chosen), st.samples({**chosen, "seed": 7})
+    assert any(ours[i].texts != theirs[i].texts for i in theirs)
+    from distill_detect.auditing import audit_from
+
+    again = audit_from(out, out=tmp_path / "again", report=False)
+    assert json.loads((tmp_path / "again" / "audit_sets.json").read_text())["sampling"] == chosen
+    assert [r["raw_score"] for r in again.doc["questions"]] == [r["raw_score"] for r in doc["questions"]]
 
 
 # -- the openai backend with log-probabilities off, against a stand-in server -----------------------------------
@@ -388,3 +405,41 @@ def test_black_box_benchmark_quick(tmp_path):
     costs = {r["n"]: r["sample_tokens_per_q"] for r in doc["rows"] if r["method"] == "cdd"}
     assert 0 < costs[1] <= costs[2] and doc["generation"]["samples_generated"] == 16
     assert "| cdd |" in (tmp_path / "res" / "black_box_quick.md").read_text()
+
+
+def test_no_logprobs_builds_the_backend_text_only_before_any_request(stand, default_dir):
+    """``--no-logprobs`` reaches the backend's constructor: not even the start-up echo probe asks for log-probabilities."""
+    settings = dd.ModelSettings(model="text-model", backend="openai", base_url=stand.url, tokenizer=str(default_dir))
+    be = settings.factory(GenConfig(logprobs=False, samples=2), ["cdd"])()
+    assert be.logprobs is False and be.capabilities == frozenset({"samples"}) and not be.want_prompt_logprobs
+    be.generate([Question("a", "hi")], max_new_tokens=8)
+    assert stand.requests and all("logprobs" not in r and "echo" not in r for r in stand.requests)
+    with_lp = settings.factory(GenConfig(samples=2), ["tpd"])
+    from distill_detect.backends.openai import NoLogprobsError
+
+    with pytest.raises(NoLogprobsError, match="pass --no-logprobs"):
+        with_lp().generate([Question("a", "hi")], max_new_tokens=8)  # the stand-in returns none: that needs --no-logprobs
+
+
+def test_text_only_audit_prints_no_misleading_warning(stand, default_dir, tmp_path, capsys):
+    from distill_detect.cli import main
+
+    bench, ref = tmp_path / "bench.jsonl", tmp_path / "ref.jsonl"
+    bench.write_text(
+        "".join(json.dumps({"id": f"b{i}", "question": f"Bench {i}: {i}*3?", "answer": 3 * i}) + "\n" for i in range(4))
+    )
+    ref.write_text(
+        "".join(json.dumps({"id": f"r{i}", "question": f"Ref {i}: {i}*7?", "answer": 7 * i}) + "\n" for i in range(20))
+    )
+    argv = ["audit", "--backend", "openai", "--base-url", stand.url, "--model", "text-model", "--tokenizer", str(default_dir),
+            "--no-logprobs", "--questions", str(bench), "--reference", str(ref), "--out", str(tmp_path / "audit"),
+            "--methods", "cdd", "--samples", "2", "--max-new-tokens", "16", "--bootstrap", "20", "--no-report"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    said = [str(w.message) for w in caught] + (out + err).splitlines()
+    assert not [x for x in said if "TPD" in x or "0 tokens" in x or "no generated tokens" in x], said
+    assert "text only" in err and "sampled 48 answers" in err
+    assert all("logprobs" not in r and "echo" not in r for r in stand.requests)

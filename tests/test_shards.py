@@ -141,3 +141,76 @@ def test_cli_shard_and_merge(tmp_path, monkeypatch):
 class FakeBackendCLI(FakeBackend):
     def __init__(self, **kwargs):  # accepts whatever the CLI passes
         super().__init__()
+
+
+# -- sampled answers and solutions travel with the merge ----------------------------------------------------
+
+SAMPLING = {"temperature": 1.0, "top_p": 1.0, "seed": 0, "max_new_tokens": 16, "n": 3}
+QS_SOL = [Question(id=q.id, text=q.text, label=q.label, answer=str(2 * i)) for i, q in enumerate(QS)]
+
+
+class FakeSampler(FakeBackend):
+    """FakeBackend that also samples: answer k is a function of (question, k, twist)."""
+
+    capabilities = frozenset({"output_logprobs", "samples"})
+
+    def __init__(self, twist: int = 0, **kw):
+        super().__init__(**kw)
+        self.twist = twist
+
+    def sample(self, requests, *, temperature, top_p, seed, max_new_tokens):
+        from distill_detect.backends.base import Sampled
+
+        return [Sampled(f"{q.text} #{k}{'!' * self.twist}", 2 + k, "stop") for q, k in requests]
+
+
+def _gen_sampled(qs, run, sampling=SAMPLING, **kw):
+    return generate_run(qs, run, lambda: FakeSampler(**kw), max_new_tokens=16, batch_size=4, sampling=sampling)
+
+
+def _sampled(run):
+    with TraceStore(run) as st:
+        return (
+            {t.id: (t.samples.texts, t.samples.num_tokens, t.solution) for t in st.traces(sampling=st.get_meta("sampling"))},
+            st.sample_settings(),
+            st.get_meta("sampling"),
+        )
+
+
+def test_merge_copies_samples_and_solutions(tmp_path):
+    other = {**SAMPLING, "temperature": 0.5, "n": 2}
+    for i in range(2):
+        _gen_sampled(shard_questions(QS_SOL, i, 2), tmp_path / f"s{i}")
+        _gen_sampled(shard_questions(QS_SOL, i, 2), tmp_path / f"s{i}", sampling=other)  # a second setting, stored apart
+        _gen_sampled(shard_questions(QS_SOL, i, 2), tmp_path / f"s{i}")  # the first one is the latest request again
+    _gen_sampled(QS_SOL, tmp_path / "single")
+    _gen_sampled(QS_SOL, tmp_path / "single", sampling=other)
+    _gen_sampled(QS_SOL, tmp_path / "single")
+    s = merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m")
+    assert s["samples"] == len(QS) * (3 + 2) and s["solutions"] == len(QS)
+    merged, single = _sampled(tmp_path / "m"), _sampled(tmp_path / "single")
+    assert merged[0] == single[0] and merged[2] == single[2] == SAMPLING
+    assert sorted(map(str, merged[1])) == sorted(map(str, single[1]))  # both settings, each with its N
+    assert merged[0]["q3"] == (("What is 3 plus 3? #0", "What is 3 plus 3? #1", "What is 3 plus 3? #2"), (2, 3, 4), "6")
+    with TraceStore(tmp_path / "m") as st:
+        by_other = st.samples(other)
+        assert st.integrity_check() == [] and all(v.n == 2 for v in by_other.values()) and len(by_other) == len(QS)
+
+
+def test_merge_keeps_identical_samples_once_and_refuses_conflicts(tmp_path):
+    _gen_sampled(QS_SOL[:8], tmp_path / "a")
+    _gen_sampled(QS_SOL[4:], tmp_path / "b")
+    s = merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert s["samples"] == len(QS) * 3 and s["solutions"] == len(QS)
+
+    _gen_sampled(QS_SOL[4:], tmp_path / "c", twist=1)  # same traces, fingerprint and seed; other answers for q4..q7
+    with pytest.raises(ConfigError, match=r"question 'q4': sampled answer 0 \(temperature=1.0.*differs between"):
+        merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "m2")
+    assert not (tmp_path / "m2" / "traces.sqlite").exists() or _rows(tmp_path / "m2")[0] == {}
+
+    other_sol = [Question(id=q.id, text=q.text, label=q.label, answer="999") for q in QS[4:]]
+    _gen_sampled(other_sol, tmp_path / "d")
+    with pytest.raises(ConfigError, match="question 'q4' has a different solution"):
+        merge_runs([tmp_path / "a", tmp_path / "d"], tmp_path / "m3")
+    with pytest.raises(ConfigError, match="differs from the one already in"):  # into a run that holds other answers
+        merge_runs([tmp_path / "c"], tmp_path / "m")

@@ -157,3 +157,50 @@ def test_text_only_trace_refuses_logprob_methods():
     check_needs("cdd", [t])  # nothing missing
     with pytest.raises(ValueError, match="text"):
         Trace(id="x", output_logprobs=None)
+
+
+# -- the question file's answer and response ---------------------------------------------------------------
+
+
+def test_numeric_answer_and_response_are_read_as_text(tmp_path):
+    import json
+
+    from distill_detect.data import load_questions
+
+    f = tmp_path / "q.jsonl"
+    rows = [
+        {"id": "a", "question": "6*7?", "answer": 42},
+        {"id": "b", "question": "5/2?", "answer": 2.5, "response": "5 / 2 = 2.5\n#### 2.5"},
+        {"id": "c", "question": "9*9?", "answer": 81.0, "response": 81},
+        {"id": "d", "question": "none?", "answer": None},
+        {"id": "e", "question": "blank?", "answer": "  "},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    qs = {q.id: q for q in load_questions(f)}
+    assert [qs[i].answer for i in "abcde"] == ["42", "2.5", "81", None, None]
+    assert qs["c"].response == "81" and qs["b"].solution.endswith("#### 2.5") and qs["a"].solution == "42"
+    assert get("answer_correct")(trace("so 6 * 7 = 42", solution=qs["a"].solution)) == 1.0
+
+
+@pytest.mark.parametrize(
+    "field, value, why",
+    [
+        ("answer", [42], "must be text or a number, got list"),
+        ("answer", {"text": "42"}, "must be text or a number, got dict"),
+        ("answer", True, "must be text or a number, got bool"),
+        ("response", ["a", "b"], "must be text or a number, got list"),
+        ("answer", float("nan"), "must be text or a finite number, got nan"),
+    ],
+)
+def test_other_answer_types_are_refused_by_line(tmp_path, field, value, why):
+    import json
+
+    from distill_detect.data import load_questions
+    from distill_detect.errors import InputError
+
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"question": "fine", "answer": "1"}) + "\n" + json.dumps({"question": "bad", field: value}) + "\n")
+    with pytest.raises(InputError) as info:
+        load_questions(f)
+    msg = str(info.value)
+    assert msg == f"{f}:2: field '{field}': {why}" and "\n" not in msg

@@ -194,6 +194,11 @@ class OpenAIBackend(Backend):
         self._piece_map: dict[str, int] | None = None
         self._piece_lock = threading.Lock()
         self._warned_ids = False
+        self.logprobs = bool(logprobs)
+        self._n_ok: bool | None = None  # does the server honour n > 1? (None: not asked yet)
+        if not self.logprobs:  # text only from the start: no request ever asks for a log-probability
+            self.text_only()
+            return
         self.echo_ok = False
         if prompt_logprobs and endpoint == "completions":
             self.echo_ok = self._probe_echo()
@@ -204,13 +209,11 @@ class OpenAIBackend(Backend):
         if self.echo_ok:
             caps.add("prompt_logprobs")
         self.capabilities = frozenset(caps)
-        self._n_ok: bool | None = None  # does the server honour n > 1? (None: not asked yet)
-        if not logprobs:
-            self.text_only()
 
     def text_only(self) -> None:
         """Ask for no log-probabilities from now on: greedy answers become text-only traces, and only
-        the text-only methods can run (the fingerprint says so)."""
+        the text-only methods can run (the fingerprint says so). ``logprobs=False`` in the constructor
+        does this before any request (``ModelSettings.factory`` builds it so for ``--no-logprobs``)."""
         self.logprobs = False
         self.want_prompt_logprobs = False
         self.echo_ok = False
@@ -388,13 +391,14 @@ class OpenAIBackend(Backend):
 
     def _one_text(self, q: Question, max_new_tokens: int) -> Trace:
         """A greedy answer without log-probabilities: a text-only trace."""
-        choice = self._ask(q, max_new_tokens, None)[0]
+        choice = self._ask(q, max_new_tokens, None)[0][0]
         text = _choice_text(choice)
         return Trace(id=q.id, question=q.text, label=q.label, output_logprobs=None, output_text=text,
                      finish_reason=_finish(choice), max_new_tokens=max_new_tokens)  # fmt: skip
 
-    def _ask(self, q: Question, max_new_tokens: int, sampling: dict | None) -> list:
-        """The choices of one text-only request (greedy when ``sampling`` is None)."""
+    def _ask(self, q: Question, max_new_tokens: int, sampling: dict | None) -> tuple[list, int | None]:
+        """(choices, generated tokens the server reports for them all or None) of one text-only request
+        (greedy when ``sampling`` is None)."""
         if self.endpoint == "completions":
             from distill_detect.prompts import build_prompt
 
@@ -403,27 +407,37 @@ class OpenAIBackend(Backend):
         else:
             res = self._call(lambda: self._chat(q.text, max_tokens=max_new_tokens, sampling=sampling))
         _only_choice(res, self.base_url)
-        return list(res.choices)
+        used = getattr(getattr(res, "usage", None), "completion_tokens", None)
+        return list(res.choices), (used if isinstance(used, int) and not isinstance(used, bool) else None)
 
-    def _count(self, text: str) -> int:
-        return len(self.tok(text, add_special_tokens=False)["input_ids"]) if self.tok is not None and text else 0
+    def _count(self, text: str, choice, max_new_tokens: int, used: int | None = None) -> int:
+        """Generated tokens of one answer: ``used``, the server's own count (given for one answer per
+        request), else the cap when it stopped there, else the answer re-tokenised locally (0 without a
+        tokenizer), never above the cap."""
+        if used is not None:
+            return int(used)
+        if _finish(choice) == "length":
+            return int(max_new_tokens)
+        n = len(self.tok(text, add_special_tokens=False)["input_ids"]) if self.tok is not None and text else 0
+        return min(n, int(max_new_tokens))
 
     def _sample_group(self, q: Question, ks: list[int], kw: dict, max_new_tokens: int) -> list[Sampled]:
         """Answers ks of one question: with ``n`` in one request where the server honours it, else one request each."""
         common = {"temperature": kw["temperature"], "top_p": kw["top_p"]}
         if len(ks) > 1 and self._n_ok is not False:
             seed = sample_seed(kw["seed"], q.id, ks[0]) % (2**31)
-            choices = self._ask(q, max_new_tokens, {**common, "seed": seed, "n": len(ks)})
+            choices, _ = self._ask(q, max_new_tokens, {**common, "seed": seed, "n": len(ks)})
             texts = [_choice_text(c) for c in choices]
             if len(choices) == len(ks):
                 self._n_ok = True
-                return [Sampled(t, self._count(t), _finish(c)) for t, c in zip(texts, choices)]
+                return [Sampled(t, self._count(t, c, max_new_tokens), _finish(c)) for t, c in zip(texts, choices)]
             self._n_ok = False  # the server ignores n: one request per answer from now on (this group included)
         out = []
         for k in ks:
-            c = self._ask(q, max_new_tokens, {**common, "seed": sample_seed(kw["seed"], q.id, k) % (2**31)})[0]
+            choices, used = self._ask(q, max_new_tokens, {**common, "seed": sample_seed(kw["seed"], q.id, k) % (2**31)})
+            c = choices[0]
             t = _choice_text(c)
-            out.append(Sampled(t, self._count(t), _finish(c)))
+            out.append(Sampled(t, self._count(t, c, max_new_tokens, used), _finish(c)))
         return out
 
     def sample(self, requests, *, temperature: float, top_p: float, seed: int, max_new_tokens: int) -> list[Sampled]:
