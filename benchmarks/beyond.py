@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from distill_detect import api  # noqa: E402
 from distill_detect.detectors import REGISTRY  # noqa: E402
-from distill_detect.metrics import delong_test, summarize  # noqa: E402
+from distill_detect.metrics import delong_test  # noqa: E402
 
 BUDGETS = (16, 32, 64, None)
 """Tokens read by every generated-token detector in the fair-budget table (None: all generated)."""
