@@ -287,18 +287,13 @@ class HFBackend(Backend):
 
     def __init__(
         self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        device: str = "auto",
-        system_prompt: str | None = None,
-        prompt_logprobs: bool = True,
-        trust_remote_code: bool = False,
+        model: str | None = None, *, dtype: str = "auto", device: str = "auto", system_prompt: str | None = None,
+        prompt_logprobs: bool = True, trust_remote_code: bool = False,  # the options every backend takes (base.py)
         loaded=None,
         n_threads: int | None = None,
         fused: bool | None = None,
         ablate: frozenset[str] | set[str] = frozenset(),
-    ):
+    ):  # fmt: skip
         """``model``: 'default'/None, a local checkpoint directory or a hub id.
 
         ``loaded=(model, tokenizer, identity)`` wraps objects already in memory (tests, notebooks).

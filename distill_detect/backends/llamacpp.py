@@ -178,16 +178,11 @@ class LlamaCppBackend(Backend):
 
     def __init__(
         self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        device: str = "auto",
-        system_prompt: str | None = None,
-        prompt_logprobs: bool = True,
-        trust_remote_code: bool = False,
+        model: str | None = None, *, dtype: str = "auto", device: str = "auto", system_prompt: str | None = None,
+        prompt_logprobs: bool = True, trust_remote_code: bool = False,  # the options every backend takes (base.py)
         n_threads: int | None = None,
         ablate: frozenset[str] | set[str] = frozenset(),
-    ):
+    ):  # fmt: skip
         """``model``: 'default'/None (the embedded SmolLM2 GGUF), a .gguf file, or a folder with one."""
         if set(ablate) - set(self.ABLATIONS):
             raise ConfigError(

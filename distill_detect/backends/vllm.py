@@ -311,13 +311,8 @@ class VLLMBackend(Backend):
 
     def __init__(
         self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        device: str = "auto",
-        system_prompt: str | None = None,
-        prompt_logprobs: bool = True,
-        trust_remote_code: bool = False,
+        model: str | None = None, *, dtype: str = "auto", device: str = "auto", system_prompt: str | None = None,
+        prompt_logprobs: bool = True, trust_remote_code: bool = False,  # the options every backend takes (base.py)
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
@@ -326,7 +321,7 @@ class VLLMBackend(Backend):
         llm=None,
         sampling_params_cls=None,
         identity: dict | None = None,
-    ):
+    ):  # fmt: skip
         """``model``: 'default'/None, a local checkpoint directory or a hub id (as the HF backend).
 
         ``llm``/``sampling_params_cls``: objects standing in for ``vllm.LLM`` and
@@ -349,18 +344,11 @@ class VLLMBackend(Backend):
             cfg = {**(cfg.get("text_config") or {}), **cfg}
             dtype = resolve_dtype(dtype, "cuda", cfg.get("torch_dtype") or cfg.get("dtype"))
             self.engine_kwargs = engine_kwargs(
-                ref.location,
-                dtype=dtype,
-                tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len,
-                seed=seed,
-                enforce_eager=enforce_eager,
-                trust_remote_code=trust_remote_code,
-                prompt_logprobs=prompt_logprobs,
-                vocab_size=cfg.get("vocab_size"),
-                knows=_engine_knows,
-            )
+                ref.location, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
+                enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, prompt_logprobs=prompt_logprobs,
+                vocab_size=cfg.get("vocab_size"), knows=_engine_knows,
+            )  # fmt: skip
             llm = vllm.LLM(**self.engine_kwargs)
             sampling_params_cls = vllm.SamplingParams
             identity, location = ref.identity, ref.location
