@@ -33,13 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-from distill_detect.detectors import REGISTRY  # noqa: E402
+from distill_detect.detectors import without_samples  # noqa: E402
 from distill_detect.experiment import say, student_experiment  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-ALL_METHODS = list(REGISTRY)  # every detector the package has
+ALL_METHODS = without_samples()  # every detector a greedy run can score (the sampled ones: black_box.py)
 
 CONFIGS = {
     # 500-question pool -> 400 members / 100 non-members; 100 + 100 evaluated.

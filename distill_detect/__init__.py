@@ -4,7 +4,7 @@ The Python API (``distill_detect.api``), importable from here:
 
 >>> import distill_detect as dd
 >>> sorted(n for n in dd.__all__ if n.islower() and not n.startswith("_"))
-['audit', 'finetune', 'generate', 'run', 'score']
+['audit', 'finetune', 'generate', 'load_questions', 'run', 'score']
 
 The package imports nothing heavy at import time (no torch, transformers, sklearn,
 matplotlib): ``import distill_detect`` and ``distill-detect --help`` stay instant; the API's

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(a.threads)  # the whole process: fine-tuning, generation and the extra passes
 
-    from distill_detect.detectors import REGISTRY  # every detector
+    from distill_detect.detectors import without_samples  # every detector a greedy run can score
     from distill_detect.experiment import say, student_experiment
     from distill_detect.models import cache_dir
     from distill_detect.scoring import format_table
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg,
         seed=a.seed,
         work=work,
-        methods=list(REGISTRY),
+        methods=without_samples(),
         pool_size=a.pool,
         max_new_tokens=a.max_new_tokens,
         ft_overrides={"threads": a.threads} if a.threads else None,

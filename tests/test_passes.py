@@ -272,12 +272,30 @@ def test_bundled_corpus_texts():
 # -- everything together ----------------------------------------------------------------------------------
 
 
-def test_every_method_scores_real_traces(traces, lower, ref, table):
+def test_solution_pass_scores_the_training_encoding(tiny_backend, traces):
+    """The solution pass reads exactly the completion tokens a fine-tune trains on, teacher-forced."""
+    from distill_detect.finetune import encode_example
+
+    t = replace(traces[0], solution="Two apples and three more make five.\n#### 5")
+    got = passes.solution_pass(tiny_backend, [t])[t.id]["solution_logprobs"]
+    ex = encode_example(tiny_backend.tok, t.question, t.solution)
+    comp = [i for i, m in zip(ex["input_ids"], ex["completion_mask"]) if m]
+    want = tiny_backend.score([Question(id=t.id, text=t.question)], [np.asarray(comp)])[0]
+    assert len(got) == len(comp) and np.allclose(got, want)
+    with pytest.raises(ConfigError, match="no solution"):
+        passes.solution_pass(tiny_backend, [replace(t, solution=None)])
+
+
+def test_every_method_scores_real_traces(tiny_backend, traces, lower, ref, table):
     freq = passes.dcpdd_freq_pass(traces, table)
+    traces = [replace(t, solution="#### 4") for t in traces]
+    sol = passes.solution_pass(tiny_backend, traces)
+    ref_sol = passes.reference_solution_pass(tiny_backend, traces)
     for t in traces:
         # The text-only methods also read sampled answers and the benchmark's solution (tests/test_sampling.py makes real ones).
         samples = Samples((t.output_text, "4"), temperature=1.0, top_p=1.0, seed=0, max_new_tokens=8)
-        full = replace(t, extra={**lower[t.id], **ref[t.id], **freq[t.id]}, samples=samples, solution="#### 4")
+        extra = {**lower[t.id], **ref[t.id], **freq[t.id], **sol[t.id], **ref_sol[t.id]}
+        full = replace(t, extra=extra, samples=samples)
         for name, det in REGISTRY.items():
             v = det(full)
             assert isinstance(v, float) and math.isfinite(v), name

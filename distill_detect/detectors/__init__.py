@@ -191,6 +191,11 @@ for _det in (
 del _det
 
 
+def without_samples(names=None) -> list[str]:
+    """The detectors (of ``names``, default all) that need no sampled answers: what a greedy run can score."""
+    return [m for m in (names or REGISTRY) if "output_samples" not in REGISTRY[m].needs]
+
+
 def get(name: str) -> Detector:
     """Look a detector up by name; an unknown name gets a did-you-mean error."""
     try:
