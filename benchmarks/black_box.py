@@ -86,7 +86,7 @@ def run(args) -> dict:
         for m in methods:
             mm = res.metrics[m]
             rows.append({"n": n, "method": m, "auc": mm["auc"], "auc_ci": mm["auc_ci"],
-                         "tpr_at_5pct_fpr": mm["tpr_at_5pct_fpr"], **_cost(res.traces, n if m != "tpd" else 0)})  # fmt: skip
+                         "tpr_at_5pct_fpr_strict": mm["tpr_at_5pct_fpr_strict"], "tpr_at_1pct_fpr_strict": mm["tpr_at_1pct_fpr_strict"], **_cost(res.traces, n if m != "tpd" else 0)})  # fmt: skip
     return {
         "config": {k: v for k, v in vars(args).items() if k not in ("work", "results")} | {"student": student},
         "counts": {"members": len(members), "nonmembers": len(nonmembers)},
@@ -106,13 +106,13 @@ def markdown(doc: dict) -> str:
         f"{max(c['n'])} answers sampled at temperature {c['temperature']} (top-p {c['top_p']}, seed {c['sample_seed']}), "
         f"{c['max_new_tokens']} new tokens at most. Generation: {g['wall_s']:.0f} s wall.",
         "",
-        "| N | method | AUC | 95% CI | TPR@5%FPR | greedy tokens/q | sampled tokens/q |",
-        "|---|---|---|---|---|---|---|",
+        "| N | method | AUC | 95% CI | TPR@1%FPR (strict) | TPR@5%FPR (strict) | greedy tokens/q | sampled tokens/q |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         lo, hi = r["auc_ci"]
         lines.append(f"| {r['n'] if r['method'] != 'tpd' else '-'} | {r['method']} | {r['auc']:.3f} | [{lo:.3f}, {hi:.3f}] | "
-                     f"{r['tpr_at_5pct_fpr']:.2f} | {r['greedy_tokens_per_q']:.1f} | {r['sample_tokens_per_q']:.1f} |")  # fmt: skip
+                     f"{r['tpr_at_1pct_fpr_strict']:.2f} | {r['tpr_at_5pct_fpr_strict']:.2f} | {r['greedy_tokens_per_q']:.1f} | {r['sample_tokens_per_q']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
