@@ -97,7 +97,11 @@ def _f(x, pct=False):
 
 
 def markdown(doc: dict) -> str:
-    out = [f"# Beyond the paper: {doc['phase']} results", "", doc["machine"], ""]
+    what = {
+        "dev": "Development students only (seed 42): the detectors' hyperparameters may have been chosen on these numbers.",
+        "confirm": "Confirmation students (seeds and data no detector was developed on); hyperparameters fixed in code before.",
+    }[doc["phase"]]
+    out = [f"# Beyond the paper: {doc['phase']} results", "", what, "", doc["machine"], f"Scored in {doc['seconds']} s.", ""]
     for name, st in doc["students"].items():
         t = st["table"]
         ft = st["info"].get("finetune", {})
@@ -108,7 +112,7 @@ def markdown(doc: dict) -> str:
             f"{t['n_members']} members vs {t['n_nonmembers']} non-members, {t['max_new_tokens']} generated tokens "
             f"(results dir `{st['info']['results']}`).",
             "",
-            "| method | AUC [95% CI] | TPR@1%FPR (strict) | vs TPD: ΔAUC, DeLong p |",
+            "| method | AUC [95% CI] | TPR@1%FPR paper (strict) | vs TPD: ΔAUC, DeLong p |",
             "|---|---|---|---|",
         ]
         order = sorted(t["methods"], key=lambda m: -(t["methods"][m]["auc"]))

@@ -77,6 +77,14 @@ def run(args) -> dict:
     t0 = time.time()
     summary = pipeline.generate(qs, run_dir, model, gen, methods=list(TEXT_METHODS), log=print)
     wall = time.time() - t0
+    # The generation's cost is kept with the run: a later call that only rescores reports the run that generated.
+    timing = work / "generation.json"
+    if summary.get("generated") or summary.get("samples_generated"):
+        import os
+
+        timing.write_text(json.dumps({**summary, "wall_s": wall, "torch_threads": os.environ.get("OMP_NUM_THREADS"),
+                                      "load_average_after": os.getloadavg()}))  # fmt: skip
+    gen_record = json.loads(timing.read_text()) if timing.exists() else {**summary, "wall_s": wall}
     methods = list(TEXT_METHODS) + ([] if args.no_logprobs else ["tpd"])
     params = {} if args.no_logprobs else {"tpd": {"max_tokens": min(300, args.max_new_tokens)}}
     rows = []
@@ -90,7 +98,7 @@ def run(args) -> dict:
     return {
         "config": {k: v for k, v in vars(args).items() if k not in ("work", "results")} | {"student": student},
         "counts": {"members": len(members), "nonmembers": len(nonmembers)},
-        "generation": {**summary, "wall_s": wall},
+        "generation": gen_record,
         "rows": rows,
     }
 
@@ -104,7 +112,8 @@ def markdown(doc: dict) -> str:
         f"Student `{c['student']}` on backend `{c['backend']}`{' with log-probabilities off' if c['no_logprobs'] else ''}; "
         f"{doc['counts']['members']} members + {doc['counts']['nonmembers']} non-members; greedy and up to "
         f"{max(c['n'])} answers sampled at temperature {c['temperature']} (top-p {c['top_p']}, seed {c['sample_seed']}), "
-        f"{c['max_new_tokens']} new tokens at most. Generation: {g['wall_s']:.0f} s wall.",
+        f"{c['max_new_tokens']} new tokens at most. Generation: {g['wall_s']:.0f} s wall"
+        f" (OMP_NUM_THREADS={g.get('torch_threads')}, load average after {g.get('load_average_after')}).",
         "",
         "| N | method | AUC | 95% CI | TPR@1%FPR (strict) | TPR@5%FPR (strict) | greedy tokens/q | sampled tokens/q |",
         "|---|---|---|---|---|---|---|---|",
