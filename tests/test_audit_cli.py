@@ -4,16 +4,12 @@ writes, reruns that cost no generation (another FDR, another reference, ``--from
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import re
-import warnings
 
 import pytest
-
-from distill_detect.cli import main
+from stand_ins import run_cli
 
 MAX_NEW = 12
 TPD_M = 4  # TPD alone decodes only its budget: traces stop at M tokens, not at --max-new-tokens
@@ -40,12 +36,7 @@ def _write(path, rows):
 
 
 def _main(argv):
-    """main(argv) -> (exit status, stdout, stderr), warnings silenced."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return run_cli(argv, show_warnings=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,17 @@ Python instead of the command-line remedy."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import warnings
 
 import numpy as np
 import pytest
+from stand_ins import run_cli
 
 from distill_detect.cli import main
 
 
 def _main(argv):
-    """main(argv) -> (exit status, stdout, stderr), warnings shown as 'warning:' lines on stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("always")
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return run_cli(argv, show_warnings=True)
 
 
 def _write(path, rows):

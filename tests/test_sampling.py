@@ -16,10 +16,11 @@ import io
 import json
 import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from stand_ins import JSONHandler, run_cli
 
 pytest.importorskip("rapidfuzz", reason="the text-only methods need rapidfuzz: pip install 'distill-detect[text]'")
 
@@ -34,13 +35,7 @@ MAX_NEW = 6
 
 
 def _main(argv):
-    from distill_detect.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+    return run_cli(argv, show_warnings=False)
 
 
 def _questions(n=4, start=0):
@@ -277,18 +272,7 @@ class Stand:
 
 
 def _handler(state: Stand):
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def _send(self, body: dict):
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class H(JSONHandler):
         def do_GET(self):
             self._send({"object": "list", "data": [{"id": "text-model", "object": "model", "created": 0, "owned_by": "me"}]})
 

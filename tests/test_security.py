@@ -15,11 +15,12 @@ import secrets
 import shutil
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from stand_ins import JSONHandler
 
 import distill_detect
 from distill_detect import backends, cli
@@ -182,18 +183,7 @@ class _ChatServer:
         self.auth: list[str] = []
         srv = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 srv.auth.append(self.headers.get("Authorization", ""))
                 self._send({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "t"}]})
