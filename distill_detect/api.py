@@ -58,8 +58,6 @@ class QuestionSource:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         qs = load_questions(src, field=self.field, id_field=self.id_field, label=label)
         qs = qs[: self.limit] if self.limit else qs
-        if any(not q.response for q in qs):
-            qs = _with_answers(qs, src, self)
         self.files.update((q.id, str(src)) for q in qs)
         return qs
 
@@ -76,28 +74,6 @@ class QuestionSource:
 
             line = question_line(src, exc.path, field=self.field, id_field=self.id_field)
             raise InputError(src, f"question {exc.path!r}: {exc.problem}", line=line, field=exc.field) from None
-
-
-def _with_answers(qs: list[Question], src, source: QuestionSource) -> list[Question]:
-    """``qs`` with ``Question.answer`` from the file's ``answer`` field (the benchmark's final answer, read by the
-    text-only methods), where it is a string or a number; the file as it was when it has none."""
-    from distill_detect.data import read_records
-    from distill_detect.types import text_id
-
-    answers: dict[str, str] = {}
-    for _, rec in read_records(src):
-        a = rec.get("answer")
-        if isinstance(a, bool) or not isinstance(a, (str, int, float)) or (isinstance(a, str) and not a.strip()):
-            continue
-        raw_id, text = rec.get(source.id_field), rec.get(source.field)
-        qid = (
-            str(raw_id)
-            if raw_id not in (None, "") and not isinstance(raw_id, bool)
-            else (text_id(text) if isinstance(text, str) else None)
-        )
-        if qid is not None:
-            answers[qid] = str(a)
-    return [dataclasses.replace(q, answer=answers[q.id]) if q.id in answers else q for q in qs]
 
 
 def resolve_methods(methods: str | Sequence[str] = "tpd", params: dict[str, dict] | None = None) -> dict[str, dict]:
@@ -307,7 +283,9 @@ def run(members, nonmembers, *, out, model: str | ModelSettings = "default", met
         log(f"the requested methods read at most {budget} generated tokens: decoding stops there")
     run_dir = Path(out) / "run"
     with source.located():
-        s = pipeline.generate(qs, run_dir, settings, _with(gen, max_new_tokens=budget), methods=list(resolved), log=log)
+        s = pipeline.generate(
+            qs, run_dir, settings, dataclasses.replace(gen, max_new_tokens=budget), methods=list(resolved), log=log
+        )
     if s["tokens"] and log:
         log(
             f"generated {s['generated']} questions, {s['tokens']} tokens in {s['seconds']:.0f}s ({s['tokens'] / s['seconds']:.1f} tok/s)"
@@ -321,7 +299,7 @@ def run(members, nonmembers, *, out, model: str | ModelSettings = "default", met
     ref_factory, ref_id = reference_backend(reference_model, fp)
     pipeline.run_passes(run_dir, list(resolved), student_factory=settings.factory(gen), reference_factory=ref_factory,
                         reference_identity=ref_id, batch_size=gen.batch_size, ids=wanted, log=log)  # fmt: skip
-    sampling = {**_with(gen, max_new_tokens=budget).sampling(), "n": gen.samples} if gen.samples else None
+    sampling = {**dataclasses.replace(gen, max_new_tokens=budget).sampling(), "n": gen.samples} if gen.samples else None
     traces, fp, _ = pipeline.read_run(run_dir, wanted, sampling=sampling)
     traces = pipeline.at_budget(traces, pipeline.read_budget(resolved, budget), where=run_dir)
     src = {"run": str(run_dir.resolve()), "fingerprint": fp, **({"sampling": sampling} if sampling else {})}
@@ -351,12 +329,6 @@ def audit(questions, reference=None, *, out, make_reference: bool = False, model
 def _name(src, what: str) -> str:
     """A question source as it appears in messages and the config: its path, or 'N members (in memory)'."""
     return str(src) if isinstance(src, (str, Path)) else f"{len(src)} {what} (in memory)"
-
-
-def _with(gen: GenConfig, **changes) -> GenConfig:
-    from dataclasses import replace
-
-    return replace(gen, **changes)
 
 
 def _fingerprint(run_dir) -> dict | None:

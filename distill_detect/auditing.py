@@ -376,8 +376,9 @@ def audit_from(src, *, out=None, run_dir=None, method: str | None = None, params
         )
     cap = sets.get("max_new_tokens")
     read = pipeline.read_budget({name: params}, cap or 10**9)
-    if cap is None and read is not None:
-        read = pipeline.common_budget(tb + tr) and min(read, pipeline.common_budget(tb + tr))
+    common = pipeline.common_budget(tb + tr)
+    if cap is None and read is not None:  # an audit from before budgets were recorded: read at the lowest cap, if any
+        read = None if common is None else min(read, common)
     both = pipeline.at_budget(tb + tr, read, where=run_dir)
     tb, tr = both[: len(tb)], both[len(tb) :]
     sets = {**sets, "run": str(run_dir.resolve()), "method": name, "params": params, "max_new_tokens": read}

@@ -80,7 +80,7 @@ def check_identity(store: TraceStore, identity: dict | None) -> None:
     old = store.get_meta("fingerprint")
     if not identity or old is None:
         return
-    diff = [d for d in fingerprint_diff(_subset(old, identity), identity)]
+    diff = fingerprint_diff(_subset(old, identity), identity)
     if diff:
         raise ConfigError(
             f"{store.dir} holds traces made with different settings ({'; '.join(diff)}). "
