@@ -62,6 +62,7 @@ CONFIGS = {
         learning_rate=1e-4,
         batch_size=8,
         max_seq_len=512,  # one drawn problem's prompt alone is 391 tokens
+        max_question_tokens=400,  # drawn problems longer than this are dropped before the split (none at seed 42)
         max_new_tokens=128,
         gen_batch=16,
         train_on="evaluated",

@@ -33,16 +33,36 @@ def hf_factory(model: str):
     return cpu_float32(model).factory(GenConfig())
 
 
-def draw_split(questions, *, pool_size: int, seed: int):
+def draw_split(questions, *, pool_size: int, seed: int, keep=None):
     """The protocol's split: draw ``pool_size`` of ``questions`` with ``seed`` (kept in their order), then the paper's
-    80/20 split of that pool. Returns ``(pool, members, nonmembers, evaluation)`` as ``data.paper_split`` does."""
+    80/20 split of that pool. Returns ``(pool, members, nonmembers, evaluation)`` as ``data.paper_split`` does.
+
+    ``keep`` (a predicate on a question), when given, drops the members it rejects (they cannot be trained on) after
+    the split; the evaluated members are then the first n members kept. Non-members are never dropped, so a draw
+    whose first n members all pass is exactly the draw made without ``keep``."""
     import numpy as np
 
     from distill_detect.data import paper_split
 
     rng = np.random.default_rng(seed)
     pool = [questions[i] for i in sorted(rng.choice(len(questions), size=min(pool_size, len(questions)), replace=False))]
-    return (pool, *paper_split(pool, seed=seed))
+    members, nonmembers, evaluation = paper_split(pool, seed=seed)
+    if keep is not None:
+        members = [q for q in members if keep(q)]
+        evaluation = members[: len(nonmembers)] + nonmembers
+    return pool, members, nonmembers, evaluation
+
+
+def fits_question_tokens(base: str, limit: int | None):
+    """A ``draw_split`` predicate: the question alone is at most ``limit`` tokens of ``base``'s tokenizer (None: all)."""
+    if limit is None:
+        return None
+    from transformers import AutoTokenizer
+
+    from distill_detect.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(base).location)
+    return lambda q: len(tok(q.text, add_special_tokens=False).input_ids) <= limit
 
 
 def student_experiment(
@@ -73,8 +93,9 @@ def student_experiment(
 
     times: dict[str, float] = {}
     pool, members, nonmembers, evaluation = draw_split(
-        load_questions(cfg["data"], require_response=True), pool_size=pool_size, seed=seed
-    )
+        load_questions(cfg["data"], require_response=True), pool_size=pool_size, seed=seed,
+        keep=fits_question_tokens(cfg["base"], cfg.get("max_question_tokens")),
+    )  # fmt: skip
     n = len(nonmembers)
     train = members[:n] if cfg["train_on"] == "evaluated" else members
     ft = {
@@ -132,6 +153,7 @@ def student_experiment(
         "train": record.get("train", {}),
         "sizes": {
             "pool": len(pool),
+            "members_dropped_too_long": len(pool) - len(nonmembers) - len(members),
             "members": len(members),
             "nonmembers": n,
             "trained_on": len(train),

@@ -100,3 +100,21 @@ def test_sweep_splits_over_processes_and_gathers(tmp_path, tiny_dir, monkeypatch
     doc = json.loads((results / "t_sweep.json").read_text())
     assert doc["config"]["missing_settings"] == [] and (results / "t_sweep.png").stat().st_size > 0
     assert "Not run yet" not in (results / "t_sweep.md").read_text()
+
+
+def test_draw_split_drops_only_members_that_cannot_be_trained():
+    """A predicate drops rejected members after the split; non-members stay; a draw whose evaluated members
+    all pass is the draw made without it (so seed 42's MATH evaluation set did not change)."""
+    from distill_detect.experiment import draw_split
+    from distill_detect.types import Question
+
+    qs = [Question(id=f"q{i}", text="x" * (i % 7), response="r") for i in range(60)]
+    pool, members, nonmembers, evaluation = draw_split(qs, pool_size=50, seed=3)
+    long_member = members[0].id
+    kept = draw_split(qs, pool_size=50, seed=3, keep=lambda q: q.id != long_member)
+    assert kept[0] == pool and kept[2] == nonmembers
+    assert long_member not in [q.id for q in kept[1]] and long_member not in [q.id for q in kept[3]]
+    assert [q.id for q in kept[3][: len(nonmembers)]] == [q.id for q in members[1 : len(nonmembers) + 1]]
+    unevaluated = members[-1].id  # not among the first n members: the evaluation set is unchanged
+    same = draw_split(qs, pool_size=50, seed=3, keep=lambda q: q.id != unevaluated)
+    assert [q.id for q in same[3]] == [q.id for q in evaluation]
