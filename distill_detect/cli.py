@@ -219,7 +219,7 @@ def cmd_export(args) -> int:
     if not run:
         raise ConfigError("give the run directory: distill-detect export --run RUN --out traces.jsonl")
     with TraceStore(run) as store:
-        n = write_traces_jsonl(args.out, store.traces())
+        n = write_traces_jsonl(args.out, store.traces(sampling=store.get_meta("sampling")))
         total = store.counts()["questions"]
     say(
         f"wrote {n} traces to {args.out}"

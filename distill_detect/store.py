@@ -360,11 +360,11 @@ class TraceStore:
             extras.setdefault(qid, {})[name] = np.frombuffer(data, dtype=dt).astype(np.int32 if dt == "<i4" else np.float32)
         cols = ", ".join(f"t.{k}" for k in _ARRAYS)
         q = (
-            f"SELECT q.id, q.question, q.label, t.finish_reason, t.max_new_tokens, t.output_text, {cols} "
+            f"SELECT q.id, q.question, q.label, t.finish_reason, t.max_new_tokens, t.num_tokens, t.output_text, {cols} "
             "FROM questions q JOIN traces t ON t.id = q.id ORDER BY q.seq"
         )
         for row in self.db.execute(q):
-            qid, text, label, finish, cap, out_text, *blobs = row
+            qid, text, label, finish, cap, n_tokens, out_text, *blobs = row
             if complete_for is not None and finish != "stop" and cap < complete_for:
                 continue
             arrays = {
@@ -381,6 +381,7 @@ class TraceStore:
                 extra=extras.get(qid, {}),
                 samples=samples.get(qid),
                 solution=solutions.get(qid),
+                text_tokens=n_tokens if arrays.get("output_logprobs") is None and arrays.get("output_ids") is None else None,
                 **arrays,
             )
 

@@ -182,6 +182,8 @@ class Trace:
     its own, not ``extra``: ``extra`` holds number arrays aligned with tokens, cut by ``at_budget``."""
     solution: str | None = None
     """The benchmark's own solution or final answer for this question (from the question file)."""
+    text_tokens: int | None = None
+    """A text-only trace's generated-token count as the server reported it (no ids or log-probs to count)."""
 
     def __post_init__(self) -> None:
         for name, dtype in TRACE_ARRAYS.items():
@@ -197,10 +199,13 @@ class Trace:
 
     @property
     def num_tokens(self) -> int:
-        """Generated tokens with log-probabilities (a text-only trace: its token ids if known, else 0)."""
+        """Generated tokens with log-probabilities (a text-only trace: its token ids if known, else the
+        server's count ``text_tokens``, else 0)."""
         if self.output_logprobs is not None:
             return int(len(self.output_logprobs))
-        return int(len(self.output_ids)) if self.output_ids is not None else 0
+        if self.output_ids is not None:
+            return int(len(self.output_ids))
+        return int(self.text_tokens or 0)
 
     @property
     def has_logprobs(self) -> bool:

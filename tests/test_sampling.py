@@ -295,8 +295,10 @@ def _handler(state: Stand):
                 }  # fmt: skip
                 for i, t in enumerate(texts)
             ]
+            used = 6 * len(texts)  # a server's token count of its answers (6 each here)
             self._send({"id": "x", "object": "chat.completion" if chat else "text_completion", "created": 0,
-                        "model": "text-model", "choices": choices})  # fmt: skip
+                        "model": "text-model", "choices": choices,
+                        "usage": {"prompt_tokens": 9, "completion_tokens": used, "total_tokens": 9 + used}})  # fmt: skip
 
     return H
 
@@ -325,6 +327,7 @@ def test_openai_without_logprobs(stand, default_dir, tmp_path, honour_n):
             "--max-new-tokens", "16", "--concurrency", "2"]  # fmt: skip
     rc, _, err = _main(argv)
     assert rc == 0, err
+    assert "3 generated now (18 tokens" in err  # the server's counts of the text-only answers, not 0
     greedy = [r for r in stand.requests if not r.get("temperature")]
     sampled = [r for r in stand.requests if r.get("temperature")]
     assert all("logprobs" not in r and "top_logprobs" not in r for r in stand.requests)  # never asked for
@@ -341,6 +344,7 @@ def test_openai_without_logprobs(stand, default_dir, tmp_path, honour_n):
         traces = list(st.traces(sampling=st.get_meta("sampling")))
     assert fp["logprobs"] is False
     assert all(t.output_logprobs is None and t.output_text == "The answer is 4." and t.samples.n == 3 for t in traces)
+    assert [t.num_tokens for t in traces] == [6, 6, 6]  # stored and read back
     assert traces[2].solution == "4"
 
     rc, _, err = _main(["generate", *argv[1:]])  # again: nothing to ask the server
@@ -349,6 +353,12 @@ def test_openai_without_logprobs(stand, default_dir, tmp_path, honour_n):
 
     res = api.score(tmp_path / "run", methods="cdd,answer_agree,answer_correct")
     assert res.raw["answer_correct"].tolist() == [0.0, 0.0, 1.0]  # greedy says 4: right for c2 only
+    # exported, the text-only run scores the same from the traces file (answers, samples, solutions travel)
+    rc, _, err = _main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "t.jsonl")])
+    assert rc == 0, err
+    again = api.score(tmp_path / "t.jsonl", methods="cdd,answer_agree,answer_correct")
+    for m in ("cdd", "answer_agree", "answer_correct"):
+        assert again.raw[m].tolist() == res.raw[m].tolist(), m
     rc, _, err = _main(["score", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--methods", "tpd"])
     assert rc == 2 and "output_logprobs" in err
 

@@ -43,6 +43,16 @@ def test_minimal_line_is_enough(tmp_path):
     assert t.id == "3" and t.label is None and t.num_tokens == 2 and t.output_ids is None
 
 
+def test_text_only_line_with_samples(tmp_path):
+    line = {"id": "a", "output_text": "It is 4.", "text_tokens": 4, "solution": "4",
+            "samples": {"texts": ["4", "5"], "temperature": 1.0, "top_p": 1.0, "seed": 0, "max_new_tokens": 8, "num_tokens": [1, 1]}}  # fmt: skip
+    (tmp_path / "t.jsonl").write_text(json.dumps(line) + "\n")
+    (t,) = read_traces_jsonl(tmp_path / "t.jsonl")
+    assert t.output_logprobs is None and t.num_tokens == 4 and t.solution == "4" and t.samples.texts == ("4", "5")
+    write_traces_jsonl(tmp_path / "again.jsonl", [t])
+    assert json.loads((tmp_path / "again.jsonl").read_text()) == line
+
+
 @pytest.mark.parametrize(
     "line, field, needle",
     [
@@ -55,6 +65,10 @@ def test_minimal_line_is_enough(tmp_path):
         ('{"output_logprobs": []}', "id", "missing"),
         ('{"id": "a", "output_logprobs": [-1], "output_token_ids": [1, 2]}', "output_token_ids", "2 token ids but 1"),
         ('{"id": "a", "output_logprobs": [-1], "label": 3}', "label", "0 or 1"),
+        ('{"id": "a", "output_text": "4", "samples": {"texts": "4"}}', "samples.texts", "list of strings"),
+        ('{"id": "a", "output_text": "4", "samples": {"texts": ["4"], "temperature": 0, "top_p": 1, "seed": 0, '
+         '"max_new_tokens": 8}}', "samples.temperature", "positive number"),
+        ('{"id": "a", "output_text": "4", "text_tokens": -1}', "text_tokens", "non-negative integer"),
     ],
 )
 def test_bad_traces_name_line_and_field(tmp_path, line, field, needle):

@@ -391,10 +391,12 @@ class OpenAIBackend(Backend):
 
     def _one_text(self, q: Question, max_new_tokens: int) -> Trace:
         """A greedy answer without log-probabilities: a text-only trace."""
-        choice = self._ask(q, max_new_tokens, None)[0][0]
+        choices, used = self._ask(q, max_new_tokens, None)
+        choice = choices[0]
         text = _choice_text(choice)
         return Trace(id=q.id, question=q.text, label=q.label, output_logprobs=None, output_text=text,
-                     finish_reason=_finish(choice), max_new_tokens=max_new_tokens)  # fmt: skip
+                     finish_reason=_finish(choice), max_new_tokens=max_new_tokens,
+                     text_tokens=self._count(text, choice, max_new_tokens, used))  # fmt: skip
 
     def _ask(self, q: Question, max_new_tokens: int, sampling: dict | None) -> tuple[list, int | None]:
         """(choices, generated tokens the server reports for them all or None) of one text-only request
