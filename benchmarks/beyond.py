@@ -1,7 +1,7 @@
 """Beyond the paper: do the new detectors find distillation data before the student has memorised it?
 
     python benchmarks/beyond.py --phase dev --run e5=DIR [--run main=DIR ...]
-    python benchmarks/beyond.py --phase confirm --run seed7=DIR --run math=DIR
+    python benchmarks/beyond.py --phase confirm --run seed7=DIR --run math=DIR@bundled:math_test
 
 Each DIR is the results directory of a student that ``benchmarks/reproduce.py`` built (its
 ``run/`` store holds the greedy traces, the question-token passes and the base model's
@@ -143,7 +143,8 @@ def markdown(doc: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=("dev", "confirm"), required=True)
-    ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="a reproduce.py results directory")
+    ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR[@SOLUTIONS]",
+                    help="a reproduce.py results directory, with the question file of its solutions if not --solutions")  # fmt: skip
     # Every detector that reads log-probabilities (the text-only ones need sampled answers: benchmarks/black_box.py).
     default = [m for m, d in REGISTRY.items() if not d.needs & {"output_samples", "solution", "output_text"}]
     ap.add_argument("--methods", default=",".join(default))
@@ -162,10 +163,12 @@ def main(argv=None) -> int:
     }
     for spec in a.run:
         name, _, d = spec.partition("=")
+        d, _, solutions = d.partition("@")
+        solutions = solutions or a.solutions
         results_dir = Path(d)
-        n_sol = record_solutions(results_dir / "run", a.solutions)
+        n_sol = record_solutions(results_dir / "run", solutions)
         doc["students"][name] = {
-            "info": {**student_info(results_dir), "solutions": f"{n_sol} from {a.solutions}"},
+            "info": {**student_info(results_dir), "solutions": f"{n_sol} from {solutions}"},
             "table": table_for(results_dir / "run", a.methods.split(","), a.bootstrap, a.reference_model),
         }
     doc["seconds"] = round(time.time() - t0, 1)
