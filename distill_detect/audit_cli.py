@@ -16,6 +16,7 @@ EPILOG = """example:
   distill-detect audit --model ./student --questions bundled:gsm8k_test --limit 200 --make-reference --out audits/gsm8k
   distill-detect audit --from audits/aime --fdr 0.1              # other FDR level: no model, stored traces only
   distill-detect audit --run audits/aime/run --questions aime2024.jsonl --reference other_ref.jsonl --out audits/aime-ref2
+  distill-detect audit --from audits/aime --methods tpd,tpd_ref,wbc,ref_imbalance,loss,reference --combine --out audits/aime-comb
 
 The first line printed is the verdict, e.g.
   contaminated: estimated 24% of questions (95% CI 15–33%); 19 of 80 questions flagged at FDR 5%; dataset test p = 2e-6
@@ -58,6 +59,12 @@ def add_cli(subparsers) -> None:
         "--fail-if-contaminated", action="store_true", help="exit with status 1 when the verdict is 'contaminated' (for CI)"
     )
     cli.method_args(p, default=None, bootstrap=2000)
+    p.add_argument(
+        "--combine",
+        action="store_true",
+        help="audit with a cross-fitted combination of the --methods detectors, learned without labels "
+        "(benchmark vs reference, 2 folds; needs >= 40 reference questions, 78 at FDR 5%%; see docs/audit.md)",
+    )
     cli._input_args(p)
     cli._model_args(p)
     # No --model means: the embedded default model, except with --run or --from (stored traces only).
@@ -66,18 +73,29 @@ def add_cli(subparsers) -> None:
 
 def cmd_audit(args) -> int:
     from distill_detect import api, cli
-    from distill_detect.auditing import audit_from
+    from distill_detect.auditing import COMBINED_PREFIX, audit_from
 
     given = args.methods is not None
     args.methods = args.methods or "tpd"
+    combine = args.combine or args.methods.startswith(COMBINED_PREFIX)
+    args.methods = args.methods.removeprefix(COMBINED_PREFIX)
     methods, params = cli.method_params(args)
-    params = params.get(methods[0]) if len(methods) == 1 else None
+    if combine:
+        if not given:
+            raise ConfigError(
+                "--combine: name the detectors to combine, e.g. --methods tpd,tpd_ref,wbc,ref_imbalance,loss,reference"
+            )
+        method = COMBINED_PREFIX + ",".join(methods)
+        params = params or None  # {detector: params}
+    else:
+        method = ",".join(methods)
+        params = params.get(methods[0]) if len(methods) == 1 else None
     if args.from_dir:
         if args.questions or args.reference or args.make_reference or args.model:
             raise ConfigError("--from DIR reuses DIR's benchmark, reference and traces; drop --questions/--reference/--make-reference/"
                               "--model (to audit other sets from stored traces use --run RUN)")  # fmt: skip
         given = given or bool(params)
-        rep = audit_from(args.from_dir, out=args.out, run_dir=args.run, method=",".join(methods) if given else None, params=params,
+        rep = audit_from(args.from_dir, out=args.out, run_dir=args.run, method=method if given else None, params=params,
                          fdr=args.fdr, alpha=args.alpha, seed=args.seed, bootstrap=args.bootstrap, report=not args.no_report)  # fmt: skip
     else:
         if not args.out or not args.questions:
@@ -86,7 +104,7 @@ def cmd_audit(args) -> int:
         args.model = args.model or "default"
         model, gen, source = cli.settings(args)
         rep = api.audit(args.questions, args.reference, out=args.out, make_reference=args.make_reference,
-                        model=model if use_model else None, run_dir=args.run, method=",".join(methods), params=params, gen=gen,
+                        model=model if use_model else None, run_dir=args.run, method=method, params=params, gen=gen,
                         reference_model=args.reference_model, fdr=args.fdr, alpha=args.alpha, seed=args.seed,
                         bootstrap=args.bootstrap, source=source, report=not args.no_report, log=cli.say)  # fmt: skip
     print(rep.summary())

@@ -8,6 +8,7 @@ import csv
 import json
 import re
 
+import numpy as np
 import pytest
 from stand_ins import run_cli
 
@@ -191,6 +192,57 @@ def test_make_reference(first, files, tiny_dir, count_generation):
     assert VERDICT.match(stdout.splitlines()[0]) and "caution: a perturbed reference" in stdout
 
 
+COMBINED = ["tpd", "out_max_prob", "out_ppl"]
+
+
+def test_combined_audit(first, files, tmp_path, count_generation, monkeypatch):
+    """--combine: several detectors' cross-fitted combination; the verdict names it, the statistics equal
+    audit.audit_combined on the detectors' stored raw scores, and --from redoes it without a model."""
+    from distill_detect.audit import audit_combined
+
+    ref = _write(tmp_path / "ref48.jsonl", _ref_rows(0, 24) + _ref_rows(200, 24))  # 24 stored by the first audit + 24 new
+    out = tmp_path / "combined"
+    argv = ["audit", "--model", first["argv"][2], "--run", str(first["out"] / "run"), "--questions", str(files["bench"])]
+    argv += ["--reference", str(ref), "--out", str(out), "--methods", ",".join(COMBINED), "--combine", "--fdr", "0.2"]
+    argv += ["--max-new-tokens", str(MAX_NEW), "--bootstrap", "50"]
+    argv += [x for m in COMBINED for x in ("--param", f"{m}.max_tokens={TPD_M}")]  # read what the first audit decoded
+    rc, stdout, stderr = _main(argv)
+    assert rc == 0, stderr
+    assert sorted(count_generation) == sorted(f"ref:{i}" for i in range(200, 224))
+    lines = stdout.splitlines()
+    assert lines[0].endswith("; scores: cross-fitted combination of tpd, out_max_prob, out_ppl (2 folds)"), lines[0]
+    assert VERDICT.match(lines[0].split("; scores: ")[0])
+    assert any("Bonferroni over 2 folds" in x for x in lines) and any("BH within each of 2 folds at FDR 10%" in x for x in lines)
+    assert any("learned without labels" in x for x in lines)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "cross-fitted combination of tpd, out_max_prob, out_ppl" in html
+
+    doc = json.loads((out / "audit.json").read_text())
+    assert doc["method"] == "combined:" + ",".join(COMBINED) and doc["params"] == {"folds": 2, "C": 0.1, "seed": 0}
+    assert list(doc["detector_params"]) == COMBINED and doc["detector_params"]["out_ppl"]["max_tokens"] == TPD_M
+    assert doc["higher_is_member"] is True
+    c = doc["combination"]
+    assert c["detectors"] == COMBINED and c["folds"] == 2 and np.sum(c["fold_sizes"], axis=0).tolist() == [23, 48]
+    assert doc["min_pvalue"] == pytest.approx(1 / 25) and "cross-fitted" in doc["notes"][0]
+    assert all(q["score"] == q["raw_score"] and q["fold"] in (0, 1) for q in doc["questions"])
+    # Twin: the same statistics from the detectors' raw scores in scores.jsonl.
+    rows = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    x = np.array([[r[m] for m in COMBINED] for r in rows])
+    want = audit_combined([r["id"] for r in rows[:23]], x[:23], x[23:], methods=COMBINED, fdr=0.2, n_boot=50)
+    assert [q["pvalue"] for q in doc["questions"]] == pytest.approx(want.pvalues.tolist())
+    assert doc["dataset_test"]["pvalue"] == pytest.approx(want.dataset.pvalue) and doc["verdict"] == want.verdict()
+
+    # --from: the stored combination again, other level, no model.
+    import distill_detect.backends as B
+
+    monkeypatch.setattr(B, "make_backend", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no model for --from")))
+    rc, stdout, stderr = _main(["audit", "--from", str(out), "--fdr", "0.3", "--out", str(tmp_path / "again"), "--no-report"])
+    assert rc == 0, stderr
+    again = json.loads((tmp_path / "again" / "audit.json").read_text())
+    assert again["method"] == doc["method"] and again["detector_params"] == doc["detector_params"] and again["fdr"] == 0.3
+    assert [q["pvalue"] for q in again["questions"]] == [q["pvalue"] for q in doc["questions"]]
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [
@@ -201,6 +253,9 @@ def test_make_reference(first, files, tiny_dir, count_generation):
         (["--reference", "REF", "--fdr", "0.01"], "need at least 99"),
         (["--reference", "REF", "--fdr", "1.5"], "--fdr must be in (0, 1)"),
         (["--reference", "REF", "--method", "tpd,loss"], "one detector"),
+        (["--reference", "REF", "--methods", "tpd,loss", "--combine"], "need at least 78"),
+        (["--reference", "REF", "--methods", "tpd", "--combine"], "at least two different detectors"),
+        (["--reference", "REF", "--combine"], "name the detectors to combine"),
         (["--reference", "missing.jsonl"], "missing.jsonl: file not found"),
     ],
 )
