@@ -178,7 +178,11 @@ def context_lines(res, name, params, det, sets, doc) -> list[str]:
     kind = "perturbed from the benchmark" if ref.get("kind") == "perturbed" else "known unseen"
     f = res.fraction
     comb = res.combination
-    test = "one-sided Mann-Whitney U" + (f" in each fold, Bonferroni over {comb.folds} folds" if comb else "")
+    if comb:
+        kinds = "/".join(sorted({t.method for t in comb.fold_tests}))
+        test = f"one-sided Mann-Whitney U in each fold ({kinds}), Bonferroni over {comb.folds} folds"
+    else:
+        test = f"one-sided Mann-Whitney U ({res.dataset.method})"
     bh = (
         f"BH within each of {comb.folds} folds at FDR {100 * res.fdr / comb.folds:g}%"
         if comb
@@ -193,7 +197,7 @@ def context_lines(res, name, params, det, sets, doc) -> list[str]:
         _method_line(res, name, params, det)
         + (f"; decoded at most {sets['max_new_tokens']} tokens per question" if sets.get("max_new_tokens") else ""),
         f"  benchmark: {sets['benchmark']['source']}, {res.n_bench} questions; reference: {ref['source']}, {res.n_ref} questions ({kind})",
-        f"  dataset test: {test} ({res.dataset.method}), p = {fmt_p(res.dataset.pvalue)} at alpha {res.alpha:g}; "
+        f"  dataset test: {test}, p = {fmt_p(res.dataset.pvalue)} at alpha {res.alpha:g}; "
         f"AUC benchmark vs reference {res.dataset.auc:.3f} (0.5 = indistinguishable)",
         f"  fraction: Storey's estimate {100 * f.estimate:.0f}%"
         + (f", {100 * f.confidence:g}% bootstrap CI {100 * f.ci_low:.0f}–{100 * f.ci_high:.0f}%" if f.n_boot else "")
