@@ -31,6 +31,8 @@ class ModelSettings:
     """CPU threads of the hf and llamacpp backends (None: the library's default)."""
     fused: bool | None = None
     """hf on CPU: the fused Llama-family forward (None: where supported)."""
+    gguf_quant: str | None = None
+    """llamacpp with a Hugging Face checkpoint folder: the GGUF it is converted to, 'f16' (None) or 'q8_0'."""
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     endpoint: str = "completions"
@@ -68,6 +70,8 @@ class ModelSettings:
             object.__setattr__(self, "extra_body", body)
         if self.extra_body is not None and not isinstance(self.extra_body, dict):
             raise ConfigError("--extra-body must be a JSON object, e.g. '{\"repeat_penalty\": 1.0}'")
+        if self.gguf_quant is not None and self.backend != "llamacpp":
+            raise ConfigError(f"--gguf-quant {self.gguf_quant}: only for --backend llamacpp (it converts the checkpoint to GGUF)")
         for name in ("threads", "workers"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -194,3 +194,38 @@ def test_dc_pdd_scores_a_llamacpp_run(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(np.isfinite(r["dc_pdd"]) for r in rows)
     assert list((tmp_path / "cache" / "token_freq").glob("gguf-*.npy"))
+
+
+def test_one_llama_decode_per_step_for_the_whole_batch(lc, questions, monkeypatch):
+    """Prefill: one call per prompt (< 512 tokens here); then each decoding step is ONE llama_decode holding one
+    token of every unfinished row (each its own sequence, logits asked for every entry), finished rows dropped."""
+    calls = []
+    real = lc.lc.llama_decode
+
+    def counting(ctx, batch):
+        n = batch.n_tokens
+        calls.append((n, sorted(batch.seq_id[i][0] for i in range(n)), sum(bool(batch.logits[i]) for i in range(n))))
+        return real(ctx, batch)
+
+    monkeypatch.setattr(lc.lc, "llama_decode", counting)
+    T = 6
+    old = set(lc.stop_ids)
+    first = lc.generate(questions[:1], max_new_tokens=T)[0]
+    lc.stop_ids = old | {int(first.output_ids[2])}  # question 0 now stops after 3 tokens: its row must leave the batch
+    try:
+        calls.clear()
+        traces = lc.generate(questions, max_new_tokens=T)
+    finally:
+        lc.stop_ids = old
+    B = len(questions)
+    prefill, steps = calls[:B], calls[B:]
+    assert [c[1] for c in prefill] == [[i] * c[0] for i, c in enumerate(prefill)]  # one sequence per prefill call
+    for q, c in zip(questions, prefill):  # logits only at the question's tokens (prompt log-probs) and the last position
+        ids, (a, b) = lc.build_prompt(q.text)
+        assert c[0] == len(ids) and c[2] == (b - a) + 1
+    stopped = [i for i, t in enumerate(traces) if t.finish_reason == "stop"]
+    assert 0 in stopped and traces[0].num_tokens == 3
+    assert len(steps) == T - 1  # one call per step after the first token, not one per row
+    for s, (n, seqs, outs) in enumerate(steps, start=1):
+        alive = [i for i, t in enumerate(traces) if t.num_tokens > s]
+        assert seqs == alive and n == len(alive) == outs

@@ -25,6 +25,16 @@ llama.cpp: |Δ log p| up to ~0.4. Stated tolerance, held by ``tests/test_llamacp
 |Δ log p| <= 0.3 on the identical prefix, <= 0.5 teacher-forced, and the first 4 greedy
 tokens identical on all but one of 4 questions.
 
+Any student: ``--model`` may be a Hugging Face checkpoint folder (a ``distill-detect finetune`` output, a
+Llama-architecture model); it is converted once to GGUF at ``gguf_quant`` ('f16' by default, or 'q8_0') and
+cached under ``<cache>/gguf/<checkpoint hash>-<quant>.gguf`` (``distill_detect.gguf_convert``), its tokenizer
+checked against the checkpoint's own. Measured on the embedded model's float32 checkpoint, the first 8
+bundled:gsm8k_test questions x 64 tokens, 1 thread, against the HF backend in float32: f16 gives the same greedy
+text on 8/8, |Δ log p| <= 0.0103 on the generated tokens and <= 0.0151 on the question's (tolerance held by
+``tests/test_gguf_convert.py``: 0.03); q8_0 the same text on 1/8, the greedy paths identical on 47% of
+their common length, |Δ log p| <= 0.24 there, 0.58 on the question's tokens (llama.cpp multiplies 8-bit weights
+with 8-bit-quantised activations; the weights alone are within 0.6% of float32).
+
 Within this backend, batch size changes nothing (identical tokens and log-probabilities):
 each prompt is fed in its own ``llama_decode`` calls, and llama.cpp's CPU flash attention
 (which gives a sequence different numbers when others share its batch) is switched off.
@@ -58,23 +68,44 @@ from distill_detect.types import Question, Trace
 _N_BATCH = 512  # tokens per llama_decode call during prefill
 
 
-def resolve_gguf(spec: str | None) -> Path:
-    """'default'/None -> the embedded SmolLM2 GGUF; a .gguf file; or a folder holding exactly one."""
-    if spec in (None, "", "default"):
-        from distill_detect.models import find_default_gguf
+def resolve_gguf(spec: str | None, quant: str | None = None) -> tuple[Path, dict]:
+    """(GGUF path, identity extras) for ``--model``: 'default'/None (the embedded SmolLM2 GGUF), a .gguf file,
+    a folder holding exactly one, or a Hugging Face checkpoint folder (converted to GGUF at ``quant``, f16 by
+    default, and cached: ``distill_detect.gguf_convert``). ``quant`` with 'default' converts the embedded
+    model's dequantised float32 checkpoint (the HF backend's weights) instead of using its Q4_1 file."""
+    from distill_detect.gguf_convert import QUANTS, checkpoint_hash, ensure_gguf
 
-        return find_default_gguf()
+    if quant is not None and quant not in QUANTS:
+        raise ConfigError(f"--gguf-quant {quant!r}: choose {' or '.join(QUANTS)}")
+
+    def converted(folder: Path) -> tuple[Path, dict]:
+        q = quant or "f16"
+        return ensure_gguf(folder, q), {"checkpoint_sha256": checkpoint_hash(folder)[:24], "gguf_quant": q}
+
+    if spec in (None, "", "default"):
+        from distill_detect.models import default_model_dir, find_default_gguf
+
+        return (find_default_gguf(), {}) if quant is None else converted(default_model_dir())
     p = Path(spec).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return converted(p.resolve())
+    if quant is not None and p.exists():
+        raise ConfigError(f"--gguf-quant {quant}: only for a Hugging Face checkpoint folder; {spec!r} is already a GGUF")
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise ConfigError(f"--model {spec!r}: the llamacpp backend loads GGUF files (*.gguf)")
-        return p.resolve()
+            raise ConfigError(f"--model {spec!r}: the llamacpp backend loads GGUF files (*.gguf) or checkpoint folders")
+        return p.resolve(), {}
     if p.is_dir():
         found = sorted(p.glob("*.gguf"))
         if len(found) == 1:
-            return found[0].resolve()
-        raise ConfigError(f"--model {spec!r}: expected one .gguf file in the folder, found {len(found)}; pass the file itself")
-    raise ConfigError(f"--model {spec!r}: no such GGUF file (the llamacpp backend cannot download hub models)")
+            return found[0].resolve(), {}
+        raise ConfigError(
+            f"--model {spec!r}: expected one .gguf file in the folder, or a checkpoint folder with a config.json; "
+            f"found {len(found)} .gguf files"
+        )
+    raise ConfigError(
+        f"--model {spec!r}: no such GGUF file or checkpoint folder (the llamacpp backend cannot download hub models)"
+    )
 
 
 def gguf_sha256(path: Path) -> str:
@@ -170,7 +201,7 @@ class GGUFTokenizer:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score", "samples"})
-    cli_options = {"threads": "n_threads"}
+    cli_options = {"threads": "n_threads", "gguf_quant": "gguf_quant"}
     ABLATIONS = {
         "logprobs": "read only the argmax at each step: log-probabilities and statistics are zeros (measures their cost)"
     }
@@ -180,10 +211,11 @@ class LlamaCppBackend(Backend):
         self,
         model: str | None = None, *, dtype: str = "auto", device: str = "auto", system_prompt: str | None = None,
         prompt_logprobs: bool = True, trust_remote_code: bool = False,  # the options every backend takes (base.py)
-        n_threads: int | None = None,
+        n_threads: int | None = None, gguf_quant: str | None = None,
         ablate: frozenset[str] | set[str] = frozenset(),
     ):  # fmt: skip
-        """``model``: 'default'/None (the embedded SmolLM2 GGUF), a .gguf file, or a folder with one."""
+        """``model``: 'default'/None (the embedded SmolLM2 GGUF), a .gguf file, a folder with one, or a Hugging
+        Face checkpoint folder, converted once to GGUF at ``gguf_quant`` ('f16', the default, or 'q8_0')."""
         if set(ablate) - set(self.ABLATIONS):
             raise ConfigError(
                 f"ablate: unknown {sorted(set(ablate) - set(self.ABLATIONS))[0]!r}; known: {', '.join(self.ABLATIONS)}"
@@ -194,7 +226,7 @@ class LlamaCppBackend(Backend):
             raise ConfigError(f"--dtype {dtype!r}: the llamacpp backend runs the GGUF's own weights; leave --dtype out")
         if device not in ("auto", "cpu", None):
             raise ConfigError(f"--device {device!r}: the llamacpp backend runs on the CPU; use --backend hf for a GPU")
-        self.path = resolve_gguf(model)
+        self.path, converted = resolve_gguf(model, gguf_quant)
         self.n_threads = cpu_threads(n_threads)
         try:
             # This context is only for tokenising; decoding uses contexts sized per batch (below).
@@ -204,7 +236,7 @@ class LlamaCppBackend(Backend):
         except (ValueError, RuntimeError) as exc:
             raise DistillDetectError(f"llama.cpp could not load {self.path} ({exc})") from None
         meta = self.llm.metadata
-        identity = {"name": meta.get("general.name") or self.path.name, "gguf_sha256": gguf_sha256(self.path)}
+        identity = {"name": meta.get("general.name") or self.path.name, "gguf_sha256": gguf_sha256(self.path), **converted}
         self.setup_common(
             identity=identity, location=str(self.path), system_prompt=system_prompt, prompt_logprobs=prompt_logprobs
         )
