@@ -158,6 +158,9 @@ def test_quick_reused_students(tmp_path, capsys):
         assert [(r["seed"], r["fraction"]) for r in d["summary"]] == [(s, f) for s in ("t3", "all") for f in cfg["fractions"]]
         assert sum("false-positive rate at 0%" in c for c in d["checks"]) == 2
     assert [r["fraction"] for r in doc["methods"]["sol_loss"]["paired_vs_tpd"]] == list(cfg["fractions"])
+    for d in doc["methods"].values():  # at least one BH flag: a rate with its interval per fraction
+        assert sorted(d["any_flag"], key=float) == [str(f) for f in cfg["fractions"]]
+        assert all(r["n"] == cfg["draws"] and r["ci95"][0] <= r["rate"] <= r["ci95"][1] for r in d["any_flag"].values())
 
     md = (res / "calibration_sol_quick.md").read_text()
     for needle in (
