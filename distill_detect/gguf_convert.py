@@ -6,9 +6,10 @@ the ``gguf`` Python package (the same package llama.cpp's own ``convert_hf_to_gg
 on, which is not shipped with llama-cpp-python), following that script's rules for the Llama
 architecture:
 
-* tensor names from ``gguf.get_tensor_name_map``; the query and key projections permuted from
-  the Hugging Face rotary layout (two halves) to llama.cpp's (interleaved pairs); a tied output
-  head is left out (llama.cpp reads the token embedding then);
+* Llama (and Mistral) and Qwen2 checkpoints; tensor names from ``gguf.get_tensor_name_map``; for
+  Llama the query and key projections permuted from the Hugging Face rotary layout (two halves) to
+  llama.cpp's (interleaved pairs; its Qwen2 graph rotates halves, as HF does); a tied output head is
+  left out (llama.cpp reads the token embedding then);
 * 2-D weights stored as float16 (``f16``) or 8-bit blocks of 32 with one scale each (``q8_0``,
   ``gguf.quants``), the token embedding included; norms stay float32;
 * the tokenizer copied from ``tokenizer.json``: tokens in id order, added special tokens as
@@ -40,8 +41,9 @@ QUANTS = ("f16", "q8_0")
 CONVERTER_VERSION = 1
 """Part of the cache key: a change to what the converter writes re-converts every checkpoint."""
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 """HF architectures converted, and llama.cpp's name for them (Mistral is the Llama graph)."""
+_GGUF_ARCH = {"llama": "LLAMA", "qwen2": "QWEN2"}
 
 _HASHED = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -51,6 +53,7 @@ _HASHED = (
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 
 PROBES = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -134,7 +137,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE tokenizer's pre-tokenizer, or ConfigError.
 
     Recognised: GPT-2's byte-level regex alone ('gpt-2'); SmolLM's single-digit split before it
-    ('smollm'); Llama 3's split regex before a byte-level step without regex ('llama-bpe').
+    ('smollm'); Llama 3's or Qwen2's split regex before a byte-level step without regex ('llama-bpe', 'qwen2').
     """
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
@@ -144,11 +147,14 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        if (steps[0].get("pattern") or {}).get("Regex") == _LLAMA3_REGEX:
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex == _LLAMA3_REGEX:
             return "llama-bpe"
+        if regex == _QWEN2_REGEX:
+            return "qwen2"
     raise ConfigError(
         f"the checkpoint's tokenizer pre-tokenizer ({'/'.join(map(str, kinds)) or 'none'}) is not one this converter "
-        "knows (byte-level GPT-2, SmolLM, Llama 3); convert it with llama.cpp's convert_hf_to_gguf.py and pass the .gguf"
+        "knows (byte-level GPT-2, SmolLM, Llama 3, Qwen2); convert it with llama.cpp's convert_hf_to_gguf.py and pass the .gguf"
     )
 
 
@@ -182,15 +188,15 @@ def hf_to_gguf_tensor(name: str, w: np.ndarray, cfg: dict, quant: str):
         return None
     if name == "lm_head.weight" and cfg.get("tie_word_embeddings", False):
         return None
-    if name.endswith("self_attn.q_proj.weight"):
+    arch = ARCHITECTURES.get((cfg.get("architectures") or ["LlamaForCausalLM"])[0], "llama")
+    if arch == "llama" and name.endswith("self_attn.q_proj.weight"):  # qwen2 rotates halves in llama.cpp too
         w = permute_rotary(w, cfg["num_attention_heads"])
-    elif name.endswith("self_attn.k_proj.weight"):
+    elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
         w = permute_rotary(w, cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
-    new = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"]).get_name(
-        name, try_suffixes=(".weight", ".bias")
-    )
+    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _GGUF_ARCH[arch]), cfg["num_hidden_layers"])
+    new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
     if new is None:
-        raise ConfigError(f"the checkpoint has a tensor {name!r} the Llama graph of llama.cpp has no place for")
+        raise ConfigError(f"the checkpoint has a tensor {name!r} the {arch} graph of llama.cpp has no place for")
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim == 1:
         return new, w, None

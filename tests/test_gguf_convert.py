@@ -250,3 +250,35 @@ def test_cli_audits_a_checkpoint_folder_on_llamacpp(default_dir, converted, tmp_
     traces, fp, _ = read_run(out / "run")
     assert len(traces) == 2 and fp["backend"] == "llamacpp" and fp["dtype"] == "F16"
     assert fp["model"]["gguf_quant"] == "f16" and fp["model"]["gguf_sha256"]
+
+
+# Random tiny models spread their mass thinly (the greedy token's log p is about -3 to -4), so greedy paths
+# part at near-ties; the conversion is checked by teacher forcing the HF tokens instead. Measured at f16 on
+# 3 questions x 12 tokens: |Δ log p| <= 0.031 (generated, forced) and <= 0.064 (question tokens). A missing
+# rotary permutation or bias gives errors of whole nats.
+TINY_TOL = 0.1
+
+
+@pytest.mark.parametrize("fixture", ["tiny_dir", "qwen2_dir"])
+def test_tiny_llama_and_qwen2_convert_and_score_like_hf(fixture, request, tmp_path, monkeypatch):
+    """Random 2-layer checkpoints (Llama: untied head, 2 key/value heads, rotary permutation; Qwen2: tied head,
+    q/k/v biases, no permutation) converted at f16 give HF's log-probabilities on HF's own greedy tokens."""
+    from distill_detect.backends.hf import HFBackend
+    from distill_detect.backends.llamacpp import LlamaCppBackend
+    from distill_detect.data import load_questions
+
+    monkeypatch.setenv("DISTILL_DETECT_CACHE", str(tmp_path / "cache"))
+    folder = request.getfixturevalue(fixture)
+    qs = load_questions("bundled:gsm8k_test")[:3]
+    hf = HFBackend(str(folder), dtype="float32", device="cpu").generate(qs, max_new_tokens=12)
+    be = LlamaCppBackend(str(folder), n_threads=1)
+    try:
+        assert be.file_type == "F16" and be.path.parent == tmp_path / "cache" / "gguf"
+        lc = be.generate(qs, max_new_tokens=12)
+        forced = be.score(qs, [y.output_ids for y in hf])
+    finally:
+        be.close()
+    for x, y, f in zip(lc, hf, forced):
+        assert x.output_ids[0] == y.output_ids[0]
+        assert np.abs(f - y.output_logprobs).max() <= TINY_TOL
+        assert np.abs(x.prompt_logprobs - y.prompt_logprobs).max() <= TINY_TOL
