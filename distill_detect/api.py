@@ -104,6 +104,16 @@ def reference_backend(reference_model: str | None, fingerprint: dict | None):
     return settings.factory(GenConfig(system_prompt=fp.get("system_prompt"))), resolve_model(reference_model).identity
 
 
+def _fsd_pass(run_dir, methods, fsd_model: str | None, batch_size: int, log) -> None:
+    """The FSD model's arrays for the fsd methods (``distill_detect.fsd.fsd_pass``), when one is given and read."""
+    if not fsd_model:
+        return
+    from distill_detect.fsd import fsd_pass, uses_fsd
+
+    if uses_fsd(methods):
+        fsd_pass(run_dir, fsd_model, batch_size=batch_size, log=log)
+
+
 def _student_from_run(run_dir, fingerprint: dict | None):
     """A factory reloading the model that generated a run (for passes run at scoring time)."""
     from distill_detect.store import TraceStore
@@ -219,14 +229,14 @@ def generate(questions, run, *, model: str | ModelSettings = "default", gen: Gen
 def score(source, *, methods: str | Sequence[str] = "tpd", params: dict | None = None, max_new_tokens: int | None = None,
           reference_model: str | None = None, batch_size: int = 8, bootstrap: int = 1000, out=None, report: bool = True,
           log: Log = None, samples: int | None = None, temperature: float | None = None, top_p: float | None = None,
-          sample_seed: int | None = None) -> Scores:  # fmt: skip
+          sample_seed: int | None = None, fsd_model: str | None = None) -> Scores:  # fmt: skip
     """Score stored traces: ``source`` is a run directory, a traces JSONL file, or a list of ``Trace``.
 
     Traces decoded to different caps are read at one budget (``max_new_tokens``, else the lowest
     cap any was cut at, with a warning). Passes that some baselines need run on the run's model.
     The text-only methods read the run's stored sampled answers: those of its latest sampling
     request, or those chosen by ``temperature``/``top_p``/``sample_seed``; ``samples=N`` reads the
-    first N of them (no model either way).
+    first N of them (no model either way). ``fsd_model``: the FSD model the fsd methods read (``distill_detect.fsd``).
     """
     resolved = resolve_methods(methods, params)
     location = None
@@ -234,6 +244,7 @@ def score(source, *, methods: str | Sequence[str] = "tpd", params: dict | None =
         fp = _fingerprint(source)
         student, location = _student_from_run(source, fp)
         ref_factory, ref_id = reference_backend(reference_model, fp)
+        _fsd_pass(source, resolved, fsd_model, batch_size, log)
         pipeline.run_passes(source, list(resolved), student_factory=student, reference_factory=ref_factory,
                             reference_identity=ref_id, batch_size=batch_size, log=log)  # fmt: skip
         sampling = pipeline.choose_sampling(source, n=samples, temperature=temperature, top_p=top_p, seed=sample_seed)
@@ -262,7 +273,8 @@ def score(source, *, methods: str | Sequence[str] = "tpd", params: dict | None =
 
 def run(members, nonmembers, *, out, model: str | ModelSettings = "default", methods: str | Sequence[str] = "tpd",
         params: dict | None = None, gen: GenConfig | None = None, reference_model: str | None = None,
-        source: QuestionSource | None = None, bootstrap: int = 1000, report: bool = True, log: Log = None) -> Scores:  # fmt: skip
+        source: QuestionSource | None = None, bootstrap: int = 1000, report: bool = True, log: Log = None,
+        fsd_model: str | None = None) -> Scores:  # fmt: skip
     """Members against non-members end to end: generate (only the tokens the methods read), passes, score, write.
 
     >>> import distill_detect as dd                                                   # doctest: +SKIP
@@ -297,6 +309,7 @@ def run(members, nonmembers, *, out, model: str | ModelSettings = "default", met
     wanted = {q.id for q in qs}
     fp = _fingerprint(run_dir)
     ref_factory, ref_id = reference_backend(reference_model, fp)
+    _fsd_pass(run_dir, resolved, fsd_model, gen.batch_size, log)
     pipeline.run_passes(run_dir, list(resolved), student_factory=settings.factory(gen), reference_factory=ref_factory,
                         reference_identity=ref_id, batch_size=gen.batch_size, ids=wanted, log=log)  # fmt: skip
     sampling = {**dataclasses.replace(gen, max_new_tokens=budget).sampling(), "n": gen.samples} if gen.samples else None

@@ -129,6 +129,12 @@ def method_args(p: argparse.ArgumentParser, *, default: str = "tpd", bootstrap: 
                    help="the model before distillation (the student's base), for the 'reference' and 'tpd_ref' methods")  # fmt: skip
 
 
+def _fsd_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fsd-model", default=None,
+                   help="the student briefly fine-tuned on questions known to be unseen (distill_detect.fsd.build_fsd_model), "
+                        "for the 'fsd' and 'fsd_tpd' methods")  # fmt: skip
+
+
 def method_params(args) -> tuple[list[str], dict[str, dict]]:
     """(method names, {method: params given}) from --methods, --tpd-* and --param."""
     from distill_detect.detectors import parse_methods
@@ -204,8 +210,8 @@ def cmd_score(args) -> int:
     if args.traces and any(v is not None for v in picked):
         raise ConfigError("--samples/--temperature/--top-p/--sample-seed choose a run's stored sampled answers: use --run RUN")
     res = api.score(args.run or args.traces, methods=methods, params=params, max_new_tokens=args.max_new_tokens,
-                    reference_model=args.reference_model, batch_size=args.batch_size, bootstrap=args.bootstrap,
-                    out=args.out, report=not args.no_report, log=say, samples=args.samples, temperature=args.temperature,
+                    reference_model=args.reference_model, fsd_model=args.fsd_model, batch_size=args.batch_size,
+                    bootstrap=args.bootstrap, out=args.out, report=not args.no_report, log=say, samples=args.samples, temperature=args.temperature,
                     top_p=args.top_p, sample_seed=args.sample_seed)  # fmt: skip
     print_scores(res)
     return 0
@@ -234,8 +240,8 @@ def cmd_run(args) -> int:
     model, gen, source = settings(args)
     methods, params = method_params(args)
     res = api.run(args.members, args.nonmembers, out=args.out, model=model, methods=methods, params=params, gen=gen,
-                  reference_model=args.reference_model, source=source, bootstrap=args.bootstrap,
-                  report=not args.no_report, log=say)  # fmt: skip
+                  reference_model=args.reference_model, fsd_model=args.fsd_model, source=source,
+                  bootstrap=args.bootstrap, report=not args.no_report, log=say)  # fmt: skip
     print_scores(res)
     return 0
 
@@ -318,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="read every trace at this many tokens (default: the lowest cap any trace was cut at, if they differ)")  # fmt: skip
     method_args(p)
+    _fsd_arg(p)
     sampling_args(p, select=True)
     p.add_argument("--batch-size", type=int, default=8, help="batch size of extra model passes (lowercase, reference)")
     p.set_defaults(func=cmd_score)
@@ -339,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _input_args(p)
     _model_args(p)
     method_args(p)
+    _fsd_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("methods", help="list the detectors, their direction and parameters")

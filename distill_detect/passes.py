@@ -10,6 +10,7 @@ pass               extra keys it produces                          detectors tha
 ``reference``      ``reference_prompt_logprobs``,                  reference, tpd_ref
                    ``reference_output_logprobs``
 ``dcpdd_freq``     ``dcpdd_token_freq``                            dc_pdd
+``fsd``            ``fsd_output_logprobs``                         fsd, fsd_tpd
 =================  ==============================================  ==============================
 
 Each pass takes traces (and a backend or a table) and returns ``{trace_id: {key: float32
@@ -46,7 +47,8 @@ class Pass:
     produces: tuple[str, ...]
     """The ``Trace.extra`` keys it adds."""
     model: str
-    """'student' (the audited model again), 'reference' (the pre-distillation model) or 'tokenizer' (no forward)."""
+    """'student' (the audited model again), 'reference' (the pre-distillation model), 'tokenizer' (no forward)
+    or 'fsd' (the FSD model: its arrays come from ``distill_detect.fsd.fsd_pass``)."""
     fn: Callable
     """fn(model_or_tokenizer, traces, batch_size) -> {trace_id: {key: array}}."""
     summary: str
@@ -439,6 +441,12 @@ def reference_solution_pass(ref_backend, traces: Sequence[Trace], batch_size: in
     return solution_pass(ref_backend, traces, batch_size, key="reference_solution_logprobs")
 
 
+def _fsd_arrays(backend, traces, batch_size):
+    from distill_detect.fsd import missing_arrays  # the arrays come from fsd.fsd_pass (--fsd-model); this only explains
+
+    return missing_arrays(backend, traces, batch_size)
+
+
 register_pass(Pass("lowercase", ("lowercase_prompt_logprobs",), "student", lowercase_pass,
                    "the question lowercased, teacher-forced through the audited model"))  # fmt: skip
 register_pass(Pass("reference", ("reference_prompt_logprobs", "reference_output_logprobs"), "reference", reference_pass,
@@ -447,6 +455,8 @@ register_pass(Pass("solution", ("solution_logprobs",), "student", solution_pass,
                    "the question file's solution teacher-forced through the audited model"))  # fmt: skip
 register_pass(Pass("reference_solution", ("reference_solution_logprobs",), "reference", reference_solution_pass,
                    "the question file's solution teacher-forced through the pre-distillation model (--reference-model)"))  # fmt: skip
+register_pass(Pass("fsd", ("fsd_output_logprobs",), "fsd", _fsd_arrays,
+                   "the student's tokens under the FSD model (--fsd-model; computed by distill_detect.fsd.fsd_pass)"))  # fmt: skip
 register_pass(Pass("dcpdd_freq", ("dcpdd_token_freq",), "tokenizer",
                    lambda tok, traces, batch_size: dcpdd_freq_pass(traces, freq_table_for(tok)),
                    "corpus frequencies of the question tokens (DC-PDD), from the bundled corpus"))  # fmt: skip

@@ -4,7 +4,8 @@ Raw scores keep their natural sign; ``Detector.higher_is_member`` says which way
 point and ``distill_detect.metrics.membership_score`` applies it. Methods by family:
 
 * TPD and ours: ``tpd`` (paper), ``tpd_ref`` (TPD minus the base model's deviation on the same tokens),
-  ``wbc`` and ``ref_imbalance`` (the student against its base on its own tokens; ``base_calibrated.py``).
+  ``wbc`` and ``ref_imbalance`` (the student against its base on its own tokens; ``base_calibrated.py``),
+  ``fsd`` and ``fsd_tpd`` (how much the student's tokens gain under the student briefly tuned on unseen questions; ``fsd.py``).
 * Question-only input likelihood: ``loss``, ``zlib``, ``lowercase``, ``min_k``, ``min_k_pp``, ``dc_pdd``, ``reference``.
 * Generated-token statistics: ``out_ppl``, ``out_min_k``, ``out_entropy``, ``out_max_prob``
   (first 1000 tokens by default; ``max_tokens`` is their ``budget_param``, as TPD's).
@@ -21,6 +22,7 @@ from distill_detect.detectors.base import Detector, add_unique
 from distill_detect.detectors.base_calibrated import ref_imbalance, wbc
 from distill_detect.detectors.checks import missing_message, missing_needs
 from distill_detect.detectors.dc_pdd import dc_pdd
+from distill_detect.detectors.fsd import fsd, fsd_tpd
 from distill_detect.detectors.loss import loss
 from distill_detect.detectors.lowercase import lowercase_ratio
 from distill_detect.detectors.min_k import min_k, min_k_pp
@@ -82,6 +84,24 @@ for _det in (
         needs=_OUT | {"extra:reference_output_logprobs"},
         defaults={"tau": 0.9, "max_tokens": 300},
         summary="log ratio of the student's rises to falls against its base on its uncertain tokens (after EZ-MIA); higher = member",
+        budget_param="max_tokens",
+    ),
+    Detector(
+        name="fsd",
+        fn=fsd,
+        higher_is_member=False,
+        needs=_OUT | {"extra:fsd_output_logprobs"},
+        defaults={"max_tokens": 300},
+        summary="mean log-prob gain of the student's tokens after tuning the student on unseen questions (FSD, Zhang et al. 2025); lower = member",
+        budget_param="max_tokens",
+    ),
+    Detector(
+        name="fsd_tpd",
+        fn=fsd_tpd,
+        higher_is_member=False,
+        needs=_OUT | {"extra:fsd_output_logprobs"},
+        defaults=dict(_TPD),
+        summary="TPD drop of the student's tokens after tuning the student on unseen questions (FSD read through TPD); lower = member",
         budget_param="max_tokens",
     ),
     Detector(

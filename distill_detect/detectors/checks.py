@@ -71,6 +71,11 @@ _SOURCES = {
         "the pre-distillation base model's log-probabilities of the student's generated tokens: give --reference-model "
         "BASE to 'distill-detect run' or 'score --run RUN' (the base must share the student's tokenizer)"
     ),
+    "extra:fsd_output_logprobs": (
+        "the FSD model's log-probabilities of the student's generated tokens (the student briefly fine-tuned on questions "
+        "known to be unseen, built by distill_detect.fsd.build_fsd_model): give --fsd-model DIR to 'distill-detect run' or "
+        "'score --run RUN' (the FSD model must share the student's tokenizer)"
+    ),
     "extra:solution_logprobs": (
         "the log-probabilities of the question file's solution (a 'response' or 'answer' field) teacher-forced through "
         "the audited model, computed by 'distill-detect run' or 'score --run RUN --methods sol_loss' (no generation needed)"
@@ -107,6 +112,7 @@ NEEDS: dict[str, Need] = {
     "extra:lowercase_prompt_logprobs": Need((), ("prompt_logprobs",), False, _SOURCES["extra:lowercase_prompt_logprobs"]),
     "extra:reference_prompt_logprobs": Need((), (), False, _SOURCES["extra:reference_prompt_logprobs"]),
     "extra:reference_output_logprobs": Need((), ("output_ids",), False, _SOURCES["extra:reference_output_logprobs"]),
+    "extra:fsd_output_logprobs": Need((), ("output_ids",), False, _SOURCES["extra:fsd_output_logprobs"]),
     "extra:solution_logprobs": Need((), ("score",), False, _SOURCES["extra:solution_logprobs"]),
     "extra:reference_solution_logprobs": Need((), (), False, _SOURCES["extra:reference_solution_logprobs"]),
     "extra:dcpdd_token_freq": Need((), ("prompt_logprobs",), True, _SOURCES["extra:dcpdd_token_freq"]),
