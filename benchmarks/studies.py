@@ -336,6 +336,10 @@ def _f(x, pct=False):
     return f"{100 * x:.0f}%" if pct else f"{x:.3f}"
 
 
+def _ci(ci) -> str:
+    return f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else ""
+
+
 def _p(d: dict | None) -> str:
     if not d:
         return "—"
@@ -354,7 +358,7 @@ def section(key: str, st: dict) -> list[str]:
     if "perturbation" in st:
         p = st["perturbation"]
         out.append(f"- perturbed {p['perturbed']} of {p['members']} members ({len(p['dropped_no_number'])} dropped: no number to "
-                   f"change); example: \"{p['example']['original'][:120]}...\" -> \"{p['example']['perturbed'][:120]}...\"")  # fmt: skip
+                   f"change); example: \"{p['example']['original'][:300]}\" -> \"{p['example']['perturbed'][:300]}\"")  # fmt: skip
     g = st["generated"]
     out.append(f"- generated: {g['tokens']} tokens, {g['mean_tokens']} per answer, {g['stopped']} of {g['answers']} answers "
                "ended before the cap")  # fmt: skip
@@ -368,9 +372,11 @@ def section(key: str, st: dict) -> list[str]:
         lo, hi = b["auc_ci"]
         o = b["vs_original"]
         out.append(f"| {m} | {_f(b['auc'])} [{_f(lo)}, {_f(hi)}] | {_f(b['tpr_at_1pct_fpr'], True)} "
-                   f"({_f(b['tpr_at_1pct_fpr_strict'], True)}) | {_f(o['auc_b'])} | {_p(o)} | {_p(b.get('vs_tpd'))} |")  # fmt: skip
+                   f"({_f(b['tpr_at_1pct_fpr_strict'], True)}) | {_f(o['auc_b'])}{_ci(b.get('original_auc_ci'))} | {_p(o)} | {_p(b.get('vs_tpd'))} |")  # fmt: skip
     for m, why in st.get("skipped", {}).items():
         out.append(f"| {m} | skipped: {why} | | | | |")
+    sig = [f"{m} {b['vs_original']['diff']:+.3f}" for m, b in st["methods"].items() if b["vs_original"]["pvalue"] < 0.05]
+    out += ["", "Changed significantly from the original setting (DeLong p < 0.05): " + (", ".join(sig) or "none") + "."]
     return out + [""]
 
 
