@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from distill_detect import api  # noqa: E402
-from distill_detect.detectors import REGISTRY  # noqa: E402
+from distill_detect.detectors import REGISTRY, without_samples  # noqa: E402
 from distill_detect.metrics import delong_test  # noqa: E402
 
 BUDGETS = (16, 32, 64, None)
@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR[@SOLUTIONS]",
                     help="a reproduce.py results directory, with the question file of its solutions if not --solutions")  # fmt: skip
     # Every detector that reads log-probabilities (the text-only ones need sampled answers: benchmarks/black_box.py).
-    default = [m for m, d in REGISTRY.items() if not d.needs & {"output_samples", "solution", "output_text"}]
+    # (FSD needs a model fine-tuned on a reference set: benchmarks/fsd.py.)
+    default = [m for m in without_samples() if not REGISTRY[m].needs & {"solution", "output_text"}]
     ap.add_argument("--methods", default=",".join(default))
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--reference-model", default="default", help="the students' base (for the base-calibrated methods)")

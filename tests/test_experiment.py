@@ -41,7 +41,14 @@ def test_protocol_in_miniature_on_tiny_model(tmp_path, tiny_dir):
         base=str(tiny_dir),
     )
     res = student_experiment(cfg, seed=42, work=tmp_path / "w", methods=ALL, pool_size=20, max_new_tokens=8)
-    assert res["sizes"] == {"pool": 20, "members": 16, "nonmembers": 4, "trained_on": 4, "evaluated": 8}
+    assert res["sizes"] == {
+        "pool": 20,
+        "members": 16,
+        "nonmembers": 4,
+        "trained_on": 4,
+        "evaluated": 8,
+        "members_dropped_too_long": 0,
+    }
     assert set(res["metrics"]) == set(ALL) | {"blind"}
     for name, m in res["metrics"].items():
         assert m["n_members"] == 4 and m["n_nonmembers"] == 4, name

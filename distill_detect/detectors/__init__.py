@@ -212,8 +212,9 @@ del _det
 
 
 def without_samples(names=None) -> list[str]:
-    """The detectors (of ``names``, default all) that need no sampled answers: what a greedy run can score."""
-    return [m for m in (names or REGISTRY) if "output_samples" not in REGISTRY[m].needs]
+    """The detectors (of ``names``, default all) that a greedy run can score: no sampled answers, and no FSD
+    model (a second fine-tune the user builds from a reference set, ``distill_detect.fsd``)."""
+    return [m for m in (names or REGISTRY) if not REGISTRY[m].needs & {"output_samples", "extra:fsd_output_logprobs"}]
 
 
 def get(name: str) -> Detector:
