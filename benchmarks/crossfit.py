@@ -52,7 +52,7 @@ DEV = {
     "gsm8k-e5-48": BENCH / "gsm8k/sweep/full-e5-lr1e-4/results",
     "gsm8k-e10-48": BENCH / "gsm8k/sweep/full-e10-lr1e-4/results",
 }
-CONFIRM = {"gsm8k-seed7-e5-100": BENCH / "gsm8k-seed7/results"}
+CONFIRM = {"gsm8k-seed7-e5-100": BENCH / "gsm8k-seed7/results", "math-seed7-e5-100": BENCH / "math-seed7/results"}
 
 OUTPUT = ["tpd", "tpd_ref", "wbc", "ref_imbalance", "out_ppl", "out_min_k", "out_entropy", "out_max_prob"]
 QUESTION = ["loss", "zlib", "lowercase", "min_k", "min_k_pp", "dc_pdd", "reference"]
