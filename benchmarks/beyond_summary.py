@@ -18,13 +18,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-NEW = ("sol_loss", "sol_ratio", "wbc", "ref_imbalance")
+NEW = ("sol_loss", "sol_ratio", "wbc", "ref_imbalance", "combined_a", "combined_b")
 """The detectors built for this issue (``tpd_ref`` existed before)."""
-NEEDS_TRAINING_TEXT = {"sol_loss", "sol_ratio"}
+NEEDS_TRAINING_TEXT = {"sol_loss", "sol_ratio", "combined_b"}
 """Detectors that score the text the student was distilled on: they need the auditor to hold it."""
 SHOWN = (
     "sol_loss",
     "sol_ratio",
+    "combined_b",
+    "combined_a",
     "wbc",
     "tpd_ref",
     "ref_imbalance",
@@ -63,6 +65,20 @@ def students() -> list[dict]:
             out.append({"name": name, "phase": phase, "info": st["info"], "methods": st["table"]["methods"],
                         "n": (st["table"]["n_members"], st["table"]["n_nonmembers"])})  # fmt: skip
     return out
+
+
+def add_combined(sts: list[dict]) -> None:
+    """Add the cross-fitted combinations (``crossfit.py``) as methods ``combined_a``/``combined_b`` of the same
+    students (matched by results directory). Their AUCs are out-of-fold: no question scored by a function
+    fitted on it."""
+    doc = _load("beyond_crossfit.json") or {}
+    by_dir = {st["info"]["results"]: st for st in sts}
+    for cf in doc.get("students", {}).values():
+        st = by_dir.get(cf["info"]["results"])
+        if st is None:
+            continue
+        for k, b in cf["eval"]["combined"].items():
+            st["methods"][f"combined_{k}"] = b
 
 
 def check_targets(sts: list[dict]) -> list[dict]:
@@ -167,6 +183,9 @@ def markdown(sts: list[dict], targets: list[dict], extra: dict) -> str:
         "`sol_loss` and `sol_ratio` score the text the student was distilled on (here the teacher solutions that",
         'ARE the training data): they answer "was this exact (question, solution) pair trained on?" and need the',
         "auditor to hold that text. With only the benchmark's final answers they are at chance (beyond_dev.md).",
+        "`combined_a` / `combined_b`: the audit's cross-fitted combination (`--combine`) of tpd, tpd_ref, wbc,",
+        "ref_imbalance, loss, reference (a) and of those plus sol_loss, sol_ratio (b), out-of-fold AUC",
+        "([beyond_crossfit.md](beyond_crossfit.md)).",
         "",
         "## AUC per detector and student",
         "",
@@ -194,6 +213,7 @@ def extra_sections() -> dict:
     sec = {}
     for name, title, what in (
         ("beyond_studies", "Studies", "sampled decoding, evasion by rewording, further training, LoRA rank"),
+        ("beyond_fsd", "Fine-tuned score deviation", "FSD adapted to distillation (the student tuned on known non-members)"),
         (
             "beyond_crossfit",
             "A combination learned without benchmark labels",
@@ -218,6 +238,7 @@ def main(argv=None) -> int:
     sts = students()
     if not sts:
         raise SystemExit(f"no beyond_dev.json / beyond_confirm.json under {RESULTS}: run benchmarks/beyond.py first")
+    add_combined(sts)
     targets = check_targets(sts)
     figure(sts, out / "beyond.png")
     md = markdown(sts, targets, extra_sections())
