@@ -106,6 +106,8 @@ class ModelSettings:
                 trust_remote_code=self.trust_remote_code,
             )
             kwargs = backend_kwargs(self.backend, self, common)
+            if self.gguf_quant is not None:  # llamacpp only (checked above); no CLI flag of its own yet
+                kwargs["gguf_quant"] = self.gguf_quant
             if not gen.logprobs:  # built text only: it never asks the server for a log-probability
                 kwargs["logprobs"] = False
             return make_backend(self.backend, **kwargs)

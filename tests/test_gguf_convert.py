@@ -227,13 +227,17 @@ def test_f16_greedy_matches_the_float32_hf_backend(lc_f16, hf):
         assert np.abs(x.prompt_logprobs - y.prompt_logprobs).max() <= F16_LOGPROB_TOL
 
 
-def test_settings_pass_gguf_quant_to_the_llamacpp_backend_only():
-    from distill_detect.backends.capabilities import backend_kwargs
+def test_settings_pass_gguf_quant_to_the_llamacpp_backend_only(monkeypatch):
+    import distill_detect.backends as backends
     from distill_detect.settings import ModelSettings
+    from distill_detect.types import GenConfig
 
-    s = ModelSettings(model="./student", backend="llamacpp", gguf_quant="q8_0", threads=1)
-    assert backend_kwargs("llamacpp", s, {"model": s.model})["gguf_quant"] == "q8_0"
-    assert "gguf_quant" not in backend_kwargs("llamacpp", ModelSettings(backend="llamacpp"), {})
+    built = []
+    monkeypatch.setattr(backends, "make_backend", lambda name, **kw: built.append((name, kw)) or object())
+    ModelSettings(model="./student", backend="llamacpp", gguf_quant="q8_0", threads=1).factory(GenConfig())()
+    ModelSettings(model="./student", backend="llamacpp").factory(GenConfig())()
+    assert built[0][0] == "llamacpp" and built[0][1]["gguf_quant"] == "q8_0" and built[0][1]["n_threads"] == 1
+    assert "gguf_quant" not in built[1][1]
     with pytest.raises(ConfigError, match="--gguf-quant"):
         ModelSettings(backend="hf", gguf_quant="q8_0")
 

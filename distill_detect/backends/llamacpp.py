@@ -214,7 +214,7 @@ class GGUFTokenizer:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     capabilities = frozenset({"output_logprobs", "output_stats", "prompt_logprobs", "prompt_stats", "score", "samples"})
-    cli_options = {"threads": "n_threads", "gguf_quant": "gguf_quant"}
+    cli_options = {"threads": "n_threads"}
     ABLATIONS = {
         "logprobs": "read only the argmax at each step: log-probabilities and statistics are zeros (measures their cost)"
     }
