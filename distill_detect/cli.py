@@ -69,6 +69,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for the hf and llamacpp backends (default: torch's / every core); 1 is fastest on a busy machine")  # fmt: skip
     g.add_argument("--no-fused", dest="fused", action="store_const", const=False, default=None,
                    help="hf backend on CPU: decode through transformers' modules instead of the fused Llama-family forward")  # fmt: skip
+    g.add_argument("--gguf-quant", choices=("f16", "q8_0"), default=None,
+                   help="llamacpp with a checkpoint folder: the GGUF it is converted to, cached (default f16; q8_0 changes the verdict, docs/performance.md)")  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=1000, help="cap on generated tokens (default: 1000)")
     g.add_argument("--no-prompt-logprobs", action="store_true", help="skip question-token log-probs (only TPD/output methods)")
     sampling_args(p)

@@ -106,7 +106,7 @@ class ModelSettings:
                 trust_remote_code=self.trust_remote_code,
             )
             kwargs = backend_kwargs(self.backend, self, common)
-            if self.gguf_quant is not None:  # llamacpp only (checked above); no CLI flag of its own yet
+            if self.gguf_quant is not None:  # llamacpp only (checked above)
                 kwargs["gguf_quant"] = self.gguf_quant
             if not gen.logprobs:  # built text only: it never asks the server for a log-probability
                 kwargs["logprobs"] = False

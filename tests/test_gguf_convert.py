@@ -286,3 +286,14 @@ def test_tiny_llama_and_qwen2_convert_and_score_like_hf(fixture, request, tmp_pa
         assert x.output_ids[0] == y.output_ids[0]
         assert np.abs(f - y.output_logprobs).max() <= TINY_TOL
         assert np.abs(x.prompt_logprobs - y.prompt_logprobs).max() <= TINY_TOL
+
+
+def test_gguf_quant_flag_reaches_the_settings_and_is_refused_off_llamacpp(tmp_path):
+    from stand_ins import run_cli
+
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": "a", "question": "What is 2+2?"}\n')
+    rc, _, err = run_cli(["generate", "--questions", str(q), "--out", str(tmp_path / "r"), "--gguf-quant", "q8_0"])
+    assert rc == 2 and "--gguf-quant q8_0: only for --backend llamacpp" in err
+    with pytest.raises(SystemExit):  # argparse: not one of f16, q8_0
+        run_cli(["generate", "--questions", str(q), "--out", str(tmp_path / "r"), "--gguf-quant", "q4"])
