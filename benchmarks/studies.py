@@ -422,7 +422,14 @@ def markdown(doc: dict) -> str:
             out += section(k, doc["studies"][k])
     missing = [titles[g] for g in STUDY_ORDER if not any(k.split(":")[0] == g for k in doc["studies"])]
     if missing:
-        out += ["## Not (yet) run", "", "; ".join(missing) + ": no table yet (see the session report for why).", ""]
+        out += [
+            "## Not (yet) run",
+            "",
+            "; ".join(missing) + ": not run yet. In the session of 2026-12-01 the shared CPU slot (one core, queued with "
+            "other jobs) left no time for a fine-tune plus a 200-question generation (about 35 min) before the deadline; "
+            "run them with `python benchmarks/studies.py further` and `python benchmarks/studies.py lora --rank 8`.",
+            "",
+        ]
     return "\n".join(out) + "\n"
 
 
