@@ -162,7 +162,7 @@ METHODS = ("fsd", "fsd_tpd", "tpd", "tpd_ref", "out_ppl")
 """Scored per student: the two FSD statistics, TPD, and two generated-token baselines on the same tokens."""
 
 
-def score(student: str) -> dict:
+def score(student: str, stage: str = "development") -> dict:
     """Every method's metrics, and DeLong's paired test of each against TPD, on the 100 + 100 evaluated questions."""
     import numpy as np
 
@@ -184,6 +184,21 @@ def score(student: str) -> dict:
     for m in METHODS:
         if m != "tpd":
             out["methods"][m]["delong_vs_tpd"] = delong_test(y, mem[m], mem["tpd"])
+    if stage == "development":  # the candidates the fsd statistic was chosen from (membership AUC, higher = member)
+        from distill_detect.detectors.fsd import logprob_gain
+        from distill_detect.metrics import roc_auc
+
+        pairs = [(t.output_logprobs.astype(np.float64), t.extra["fsd_output_logprobs"].astype(np.float64)) for t in traces]
+        gain = np.asarray([logprob_gain(a, b) for a, b in pairs])
+        out["dev_candidates_auc"] = {
+            "signed gain, lower = member (the paper's way round)": roc_auc(y, -gain),
+            "signed gain, higher = member": roc_auc(y, gain),
+            "|signed gain|, lower = member": roc_auc(y, -np.abs(gain)),
+            "mean |per-token change|, lower = member (chosen: fsd)": roc_auc(
+                y, np.asarray([-np.mean(np.abs(b - a)) for a, b in pairs])
+            ),
+            "rms per-token change, lower = member": roc_auc(y, np.asarray([-np.sqrt(np.mean((b - a) ** 2)) for a, b in pairs])),
+        }
     out["tokens"] = {"max_new_tokens": int(max(t.max_new_tokens or 0 for t in traces)),
                      "mean_generated": float(np.mean([len(t.output_logprobs) for t in traces]))}  # fmt: skip
     out["fingerprint"] = fp
@@ -192,7 +207,7 @@ def score(student: str) -> dict:
 
 def cmd_score(student: str, stage: str) -> None:
     t0 = time.time()
-    res = {"student": student, "seed": STUDENTS[student], "stage": stage, **score(student)}
+    res = {"student": student, "seed": STUDENTS[student], "stage": stage, **score(student, stage)}
     res["scored_s"] = round(time.time() - t0, 1)
     paths(student)["scores"].write_text(json.dumps(res, indent=1, default=str))
     for m, r in res["methods"].items():
@@ -232,8 +247,9 @@ def cmd_write() -> None:
         "# Beyond the paper: FSD (fine-tuned score deviation) adapted to distillation",
         "",
         "FSD (Zhang et al., ICLR 2025, arXiv:2410.10880): fine-tune the student briefly on questions known to be unseen, with",
-        "the student's OWN greedy answers, and score each benchmark question by how much the student's greedy tokens gain",
-        f"under the tuned copy (`fsd`: mean log-prob gain over the first M tokens; `fsd_tpd`: TPD drop). Lower = member. "
+        "the student's OWN greedy answers, and score each benchmark question by how far the student's greedy tokens move",
+        "under the tuned copy (`fsd`: mean absolute per-token log-prob change over the first M tokens, chosen on development data",
+        f"below; `fsd_tpd`: TPD under the student minus under the tuned copy, fixed beforehand). Lower = member. "
         f"FSD fine-tune: {FSD_TRAINING['epochs']} epochs, lr {FSD_TRAINING['learning_rate']:g}, batch {FSD_TRAINING['per_device_batch_size']}, "
         f"seed {FSD_TRAINING['seed']}, cosine with 5% warm-up (finetune defaults); tuning answers greedy, {TUNE_TOKENS} tokens.",
         "",
@@ -256,8 +272,17 @@ def cmd_write() -> None:
         lines += [f"| {m} | {_fmt(x, r['stage'])} |" for m, x in r["methods"].items()]
         wall = ", ".join(f"{k} {v['wall_s']:.0f} s (load {v['loadavg_1m_at_end']})" for k, v in ft.items() if "wall_s" in v)
         tune = ft.get("tune", {})
+        if r.get("dev_candidates_auc"):
+            lines += ["", "Candidates for the `fsd` statistic on this development student (AUC as a membership score):", ""]
+            lines += [f"- {k}: {v:.3f}" for k, v in r["dev_candidates_auc"].items()]
         lines += ["", f"Wall time (1 thread): {wall}. FSD fine-tune: {tune.get('n_examples')} examples "
-                      f"({tune.get('cut_answers')} answers cut at {TUNE_TOKENS} tokens), final train loss {tune.get('final_train_loss')}.", ""]  # fmt: skip
+                      f"({tune.get('cut_answers')} answers cut at {TUNE_TOKENS} tokens), final train loss {tune.get('final_train_loss', float('nan')):.3f}.", ""]  # fmt: skip
+    if "gsm8k-seed7" not in rows:
+        lines += ["## confirmation: `gsm8k-seed7` (seed 7): not run yet", "",
+                  "The shared CPU lock left no time for it before the deadline. With everything fixed as committed, run:", "",
+                  "    for s in gen tune pass; do flock /tmp/dd-slot2.lock .venv/bin/python benchmarks/fsd.py $s --student gsm8k-seed7; done",
+                  "    .venv/bin/python benchmarks/fsd.py score --student gsm8k-seed7 --stage confirmation && .venv/bin/python benchmarks/fsd.py write",
+                  ""]  # fmt: skip
     (res_dir / "beyond_fsd.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import distill_detect as dd
 from distill_detect import fsd as fsd_mod
 from distill_detect.detectors import get
-from distill_detect.detectors.fsd import logprob_gain, tpd_gain
+from distill_detect.detectors.fsd import logprob_gain, mean_abs_shift, tpd_gain
 from distill_detect.errors import ConfigError, DistillDetectError
 from distill_detect.store import TraceStore
 from distill_detect.types import Question, Trace
@@ -40,6 +40,14 @@ def test_logprob_gain_equals_the_loop(pairs):
 
 
 @settings(max_examples=200, deadline=None)
+@given(pairs=st.lists(st.tuples(logp, logp), max_size=40))
+def test_mean_abs_shift_equals_the_loop(pairs):
+    s, f = [p[0] for p in pairs], [p[1] for p in pairs]
+    want = sum(abs(fi - si) for si, fi in zip(s, f)) / len(s) if s else 0.0
+    assert mean_abs_shift(s, f) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
 @given(pairs=st.lists(st.tuples(logp, logp), max_size=40), tau=st.floats(0.05, 1.0), alpha=st.floats(0.1, 2.0))
 def test_tpd_gain_equals_the_loop(pairs, tau, alpha):
     s, f = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -55,6 +63,10 @@ def test_direction_and_budget():
     det = get("fsd")
     assert det.higher_is_member is False and det(t_non) > det(t_mem) == 0.0
     assert get("fsd_tpd")(t_non) > get("fsd_tpd")(t_mem) == 0.0
+    fell = (2 * s - risen).astype(np.float32)  # the same moves downwards: as far from the student, as non-member-like
+    assert det(Trace(id="e", question="q", output_logprobs=s, extra={"fsd_output_logprobs": fell})) == pytest.approx(
+        det(t_non), abs=1e-6
+    )
     assert det(t_non, max_tokens=1) == pytest.approx(math.log(0.9 / 0.5))  # first M tokens only
     with pytest.raises(DistillDetectError, match="fsd-model"):
         det(Trace(id="c", question="q", output_logprobs=s))
@@ -111,7 +123,8 @@ def test_run_stores_the_pass_and_scores_it_exactly(setup, tiny_dir):
         t = traces[tid]
         direct = fsd_backend.score([Question(id=tid, text=t.question)], [np.asarray(t.output_ids)])[0]
         np.testing.assert_allclose(t.extra["fsd_output_logprobs"], direct, rtol=1e-5, atol=1e-5)
-        assert raw == pytest.approx(float(np.mean(direct.astype(np.float64) - t.output_logprobs.astype(np.float64))), abs=1e-5)
+        moved = np.abs(direct.astype(np.float64) - t.output_logprobs.astype(np.float64))
+        assert raw == pytest.approx(float(np.mean(moved)), abs=1e-5)
     assert np.any(np.abs(res.raw["fsd"]) > 1e-4)  # the tuned model differs from the student
     # Stored: scoring again needs no FSD model and computes nothing.
     again = dd.score(d / "run" / "run", methods="fsd")

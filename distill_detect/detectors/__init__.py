@@ -92,7 +92,7 @@ for _det in (
         higher_is_member=False,
         needs=_OUT | {"extra:fsd_output_logprobs"},
         defaults={"max_tokens": 300},
-        summary="mean log-prob gain of the student's tokens after tuning the student on unseen questions (FSD, Zhang et al. 2025); lower = member",
+        summary="mean absolute log-prob change of the student's tokens after tuning the student on unseen questions (FSD, Zhang et al. 2025); lower = member",
         budget_param="max_tokens",
     ),
     Detector(
