@@ -272,7 +272,6 @@ def finetune_and_run(name: str, base_model: str, train, ft: dict) -> dict:
             "trained_on": len(train),
             "final_train_loss": record.get("train", {}).get("final_train_loss"),
             "seconds": round(ft_s, 1),
-            "resumed_or_reused": ft_s < 60,
         },  # fmt: skip
         "decoding": f"greedy, {MAX_NEW_TOKENS} new tokens, batch {GEN_BATCH}",
         "run": str(work / "results" / "run"),
