@@ -57,6 +57,7 @@ def full_trace(level: float = -1.0, *, n_prompt: int = 6, n_out: int = 8, **over
             "lowercase_prompt_logprobs": np.full(n_prompt + 1, -3.0),
             "reference_prompt_logprobs": np.full(n_prompt, -1.0),
             "reference_output_logprobs": np.full(n_out, -1.0),
+            "fsd_output_logprobs": np.full(n_out, -1.0),
             "dcpdd_token_freq": np.full(n_prompt, 0.999),
             "solution_logprobs": np.full(5, level),
             "reference_solution_logprobs": np.full(5, -1.0),
