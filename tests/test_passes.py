@@ -13,6 +13,7 @@ from distill_detect import passes
 from distill_detect.backends.base import Backend
 from distill_detect.detectors import REGISTRY, get
 from distill_detect.errors import ConfigError, DistillDetectError, InputError
+from distill_detect.fsd import logprobs_under as fsd_logprobs_under
 from distill_detect.types import Question, Samples
 
 QUESTIONS = [
@@ -291,10 +292,11 @@ def test_every_method_scores_real_traces(tiny_backend, traces, lower, ref, table
     traces = [replace(t, solution="#### 4") for t in traces]
     sol = passes.solution_pass(tiny_backend, traces)
     ref_sol = passes.reference_solution_pass(tiny_backend, traces)
+    fsd = fsd_logprobs_under(tiny_backend, traces)  # the FSD model's arrays (here the same model: a zero deviation)
     for t in traces:
         # The text-only methods also read sampled answers and the benchmark's solution (tests/test_sampling.py makes real ones).
         samples = Samples((t.output_text, "4"), temperature=1.0, top_p=1.0, seed=0, max_new_tokens=8)
-        extra = {**lower[t.id], **ref[t.id], **freq[t.id], **sol[t.id], **ref_sol[t.id]}
+        extra = {**lower[t.id], **ref[t.id], **freq[t.id], **sol[t.id], **ref_sol[t.id], **fsd[t.id]}
         full = replace(t, extra=extra, samples=samples)
         for name, det in REGISTRY.items():
             v = det(full)
