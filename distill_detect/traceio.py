@@ -59,7 +59,9 @@ def trace_to_dict(t: Trace) -> dict:
 def _samples(path, line: int, rec) -> Samples:
     """The ``samples`` object of one line, checked field by field."""
     if not isinstance(rec, dict):
-        raise InputError(path, "must be an object with texts, temperature, top_p, seed, max_new_tokens", line=line, field="samples")
+        raise InputError(
+            path, "must be an object with texts, temperature, top_p, seed, max_new_tokens", line=line, field="samples"
+        )
     texts = rec.get("texts")
     if not isinstance(texts, list) or not all(isinstance(x, str) for x in texts):
         raise InputError(path, "must be a list of strings (the sampled answers)", line=line, field="samples.texts")
@@ -151,7 +153,11 @@ def read_traces_jsonl(path) -> list[Trace]:
             key = JSON_NAMES[name]
             if rec.get(key) is not None:
                 kw[name] = _numbers(path, line, key, rec[key], logprob=name.endswith("logprobs"), integer=dtype.kind == "i")
-        if kw.get("output_ids") is not None and kw.get("output_logprobs") is not None and len(kw["output_ids"]) != len(kw["output_logprobs"]):
+        if (
+            kw.get("output_ids") is not None
+            and kw.get("output_logprobs") is not None
+            and len(kw["output_ids"]) != len(kw["output_logprobs"])
+        ):
             raise InputError(
                 path,
                 f"{len(kw['output_ids'])} token ids but {len(kw['output_logprobs'])} log-probabilities",

@@ -66,8 +66,12 @@ def test_text_only_line_with_samples(tmp_path):
         ('{"id": "a", "output_logprobs": [-1], "output_token_ids": [1, 2]}', "output_token_ids", "2 token ids but 1"),
         ('{"id": "a", "output_logprobs": [-1], "label": 3}', "label", "0 or 1"),
         ('{"id": "a", "output_text": "4", "samples": {"texts": "4"}}', "samples.texts", "list of strings"),
-        ('{"id": "a", "output_text": "4", "samples": {"texts": ["4"], "temperature": 0, "top_p": 1, "seed": 0, '
-         '"max_new_tokens": 8}}', "samples.temperature", "positive number"),
+        (
+            '{"id": "a", "output_text": "4", "samples": {"texts": ["4"], "temperature": 0, "top_p": 1, "seed": 0, '
+            '"max_new_tokens": 8}}',
+            "samples.temperature",
+            "positive number",
+        ),
         ('{"id": "a", "output_text": "4", "text_tokens": -1}', "text_tokens", "non-negative integer"),
     ],
 )
