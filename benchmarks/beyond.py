@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from distill_detect import api  # noqa: E402
 from distill_detect.detectors import REGISTRY, without_samples  # noqa: E402
-from distill_detect.metrics import delong_test  # noqa: E402
+from distill_detect.metrics import delong_test, fmt_delong  # noqa: E402
 
 BUDGETS = (16, 32, 64, None)
 """Tokens read by every generated-token detector in the fair-budget table (None: all generated)."""
@@ -120,12 +120,7 @@ def markdown(doc: dict) -> str:
             b = t["methods"][m]
             lo, hi = b["auc_ci"]
             vs = b.get("vs_tpd")
-            cmp = (
-                "—"
-                if vs is None
-                else f"{vs['diff']:+.3f}, p = {vs['pvalue']:.3g}"
-                + (" (better)" if vs["diff"] > 0 and vs["pvalue"] < 0.05 else "")
-            )
+            cmp = fmt_delong(vs)
             out.append(
                 f"| {m} | {_f(b['auc'])} [{_f(lo)}, {_f(hi)}] | {_f(b['tpr_at_1pct_fpr'], True)} "
                 f"({_f(b['tpr_at_1pct_fpr_strict'], True)}) | {cmp} |"

@@ -796,6 +796,8 @@ def _est(rows: dict, f: float) -> str:
 
 
 def markdown_reuse(doc: dict, png_name: str) -> str:
+    from distill_detect.metrics import fmt_delong
+
     c, h = doc["config"], doc["header"]
     methods, studs = list(doc["methods"]), doc["students"]
     alpha, fdr = c["alpha"], c["fdr"]
@@ -859,12 +861,7 @@ def markdown_reuse(doc: dict, png_name: str) -> str:
         for m in methods:
             p = s["methods"][m]
             vs = p.get("vs_tpd")
-            cmp = (
-                "—"
-                if vs is None
-                else f"{vs['diff']:+.3f}, p = {vs['pvalue']:.2g}"
-                + (" (better)" if vs["diff"] > 0 and vs["pvalue"] < 0.05 else "")
-            )
+            cmp = fmt_delong(vs, ".2g")
             loss = "n/a" if s["final_train_loss"] is None else f"{s['final_train_loss']:.3f}"
             lines.append(
                 f"| {s['name']} | {s['seed']} ({s['role']}) | {loss} | {m} | {p['auc_members_vs_unseen']:.3f} "

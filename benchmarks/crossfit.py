@@ -44,7 +44,7 @@ from distill_detect.audit import (  # noqa: E402
     crossfit_combined_scores,
     crossfit_dataset_test,
 )
-from distill_detect.metrics import delong_test, summarize  # noqa: E402
+from distill_detect.metrics import delong_test, fmt_delong, summarize  # noqa: E402
 
 BENCH = Path.home() / ".cache/distill-detect/benchmarks"
 DEV = {
@@ -203,12 +203,7 @@ def markdown(doc: dict) -> str:
             rows = [(f"combined ({k})", b) for k, b in ev["combined"].items()] + list(ev["inputs"].items())
             for label, b in sorted(rows, key=lambda r: -r[1]["auc"]):
                 vs = b.get("vs_tpd")
-                cmp = (
-                    "—"
-                    if vs is None
-                    else f"{vs['diff']:+.3f}, p = {vs['pvalue']:.3g}"
-                    + (" (better)" if vs["diff"] > 0 and vs["pvalue"] < 0.05 else "")
-                )
+                cmp = fmt_delong(vs)
                 sp = b.get("auc_over_fold_seeds")
                 spread = f"{sp['min']:.3f}–{sp['max']:.3f}" if sp else ""
                 out.append(f"| {label} | {_f(b['auc'])} [{_f(b['auc_ci'][0])}, {_f(b['auc_ci'][1])}] | {cmp} | {spread} |")

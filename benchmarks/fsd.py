@@ -218,12 +218,10 @@ def cmd_score(student: str, stage: str) -> None:
 
 
 def _fmt(r: dict, stage: str) -> str:
+    from distill_detect.metrics import fmt_delong
+
     d = r.get("delong_vs_tpd")
-    vs = (
-        "—"
-        if d is None
-        else f"{d['diff']:+.3f}, p = {d['pvalue']:.3g}" + (" (better)" if d["diff"] > 0 and d["pvalue"] < 0.05 else "")
-    )
+    vs = fmt_delong(d)
     return (f"{r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | {100 * r['tpr_at_1pct_fpr_strict']:.1f}% | "
             f"{r['raw_mean_members']:.4f} / {r['raw_mean_nonmembers']:.4f} | {vs}")  # fmt: skip
 

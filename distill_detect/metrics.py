@@ -150,6 +150,14 @@ def _placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return psi.mean(axis=1), psi.mean(axis=0)
 
 
+def fmt_delong(vs: dict | None, p_format: str = ".3g") -> str:
+    """A ``delong_test`` result as a table cell: "+0.034, p = 0.489", with " (better)" when the first score is
+    higher at p < 0.05, "—" for none."""
+    if vs is None:
+        return "—"
+    return f"{vs['diff']:+.3f}, p = {vs['pvalue']:{p_format}}" + (" (better)" if vs["diff"] > 0 and vs["pvalue"] < 0.05 else "")
+
+
 def delong_test(y_true, score_a, score_b) -> dict:
     """DeLong's test that two scores of the SAME questions have equal AUC (DeLong, DeLong and
     Clarke-Pearson, Biometrics 1988). Scores are membership scores (higher = member).

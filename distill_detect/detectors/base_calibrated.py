@@ -31,15 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill_detect.detectors.checks import check_max_tokens, need_array, same_length
-
-
-def _pair(trace, method: str, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    m = check_max_tokens(max_tokens, method, 300)
-    s = need_array(trace, "output_logprobs", method, allow_empty=True)
-    b = need_array(trace, "extra:reference_output_logprobs", method, allow_empty=True)
-    same_length(s, b, method=method, names=("output_logprobs", "reference_output_logprobs"), trace_id=trace.id)
-    return s[:m], b[:m]
+from distill_detect.detectors.checks import output_pair
 
 
 def window_share(student_logprobs, base_logprobs, window: int) -> float:
@@ -85,7 +77,7 @@ def imbalance(student_logprobs, base_logprobs, *, tau: float = 0.9, eps: float =
 
 
 def wbc(trace, *, max_tokens: int = 300) -> float:
-    return wbc_score(*_pair(trace, "wbc", max_tokens))
+    return wbc_score(*output_pair(trace, "reference_output_logprobs", "wbc", max_tokens))
 
 
 def ref_imbalance(trace, *, tau: float = 0.9, max_tokens: int = 300) -> float:
@@ -93,4 +85,4 @@ def ref_imbalance(trace, *, tau: float = 0.9, max_tokens: int = 300) -> float:
         from distill_detect.errors import ConfigError
 
         raise ConfigError(f"ref_imbalance tau must be in (0, 1], got {tau!r}")
-    return imbalance(*_pair(trace, "ref_imbalance", max_tokens), tau=tau)
+    return imbalance(*output_pair(trace, "reference_output_logprobs", "ref_imbalance", max_tokens), tau=tau)

@@ -189,6 +189,16 @@ def need_array(trace, need: str, method: str, attr: str | None = None, *, allow_
     return arr
 
 
+def output_pair(trace, extra: str, method: str, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The student's log-probs of its first ``max_tokens`` generated tokens and a second model's of the same
+    tokens (``Trace.extra[extra]``), checked to be aligned: what the base-calibrated and FSD detectors read."""
+    m = check_max_tokens(max_tokens, method, 300)
+    s = need_array(trace, "output_logprobs", method, allow_empty=True)
+    other = need_array(trace, f"extra:{extra}", method, allow_empty=True)
+    same_length(s, other, method=method, names=("output_logprobs", extra), trace_id=trace.id)
+    return s[:m], other[:m]
+
+
 def same_length(a: np.ndarray, b: np.ndarray, *, method: str, names: tuple[str, str], trace_id) -> None:
     """Raise when two arrays that must be aligned token by token have different lengths."""
     if a.shape != b.shape:

@@ -36,16 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill_detect.detectors.checks import check_max_tokens, need_array, same_length
+from distill_detect.detectors.checks import output_pair
 from distill_detect.detectors.tpd import tpd_deviation
-
-
-def _pair(trace, method: str, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    m = check_max_tokens(max_tokens, method, 300)
-    s = need_array(trace, "output_logprobs", method, allow_empty=True)
-    f = need_array(trace, "extra:fsd_output_logprobs", method, allow_empty=True)
-    same_length(s, f, method=method, names=("output_logprobs", "fsd_output_logprobs"), trace_id=trace.id)
-    return s[:m], f[:m]
 
 
 def logprob_gain(student_logprobs, fsd_logprobs) -> float:
@@ -87,11 +79,11 @@ def tpd_gain(student_logprobs, fsd_logprobs, *, tau: float = 1.0, alpha: float =
 
 
 def fsd(trace, *, max_tokens: int = 300) -> float:
-    return mean_abs_shift(*_pair(trace, "fsd", max_tokens))
+    return mean_abs_shift(*output_pair(trace, "fsd_output_logprobs", "fsd", max_tokens))
 
 
 def fsd_tpd(trace, *, tau: float = 1.0, alpha: float = 0.6, max_tokens: int = 300) -> float:
     from distill_detect.detectors.tpd import check_tpd_params
 
     check_tpd_params(tau=tau, alpha=alpha, max_tokens=max_tokens)
-    return tpd_gain(*_pair(trace, "fsd_tpd", max_tokens), tau=tau, alpha=alpha)
+    return tpd_gain(*output_pair(trace, "fsd_output_logprobs", "fsd_tpd", max_tokens), tau=tau, alpha=alpha)
